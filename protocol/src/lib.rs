@@ -1,0 +1,1 @@
+//! `moat-protocol`: the wire protocol shared by the shim (host side) and the agent (guest side).
