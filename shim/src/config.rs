@@ -1,0 +1,190 @@
+//! Shim configuration: one TOML file that says which VMM, guest kernel and initramfs to boot and
+//! how large each pod's microVM is. Every key is optional; without a file the defaults apply.
+//!
+//! Where the file is read from, first match wins: the runtime option `ConfigPath` (containerd's
+//! `[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.moat.options] ConfigPath = "…"`,
+//! or `ctr run --runtime-config-path`), the environment variable `MOAT_CONFIG`, then
+//! [`DEFAULT_CONFIG_PATH`]. A missing default file means "all defaults"; a missing file named
+//! explicitly is an error.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The configuration file read when nothing else is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/moat/config.toml";
+
+/// Errors reading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the moat config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid moat config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid moat config {path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+}
+
+/// The shim's configuration (see docs/shim.md for every key).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The `moat-vmm` binary. Default: next to the shim binary, else `/usr/local/bin/moat-vmm`.
+    pub vmm: PathBuf,
+    /// Uncompressed guest kernel (`vmlinux`).
+    pub kernel: PathBuf,
+    /// Guest initramfs with `moat-agent` as `/init`.
+    pub initrd: PathBuf,
+    /// vCPUs per pod VM.
+    pub vcpus: u8,
+    /// Guest memory per pod VM, MiB.
+    pub memory_mib: u32,
+    /// Extra guest kernel command line parameters.
+    pub kernel_params: String,
+    /// Verbose guest kernel console (drops `quiet`); the console is always saved to
+    /// `<state_dir>/<namespace>/<sandbox>/console.log`.
+    pub debug_console: bool,
+    /// Shim log level: error, warn, info, debug, trace.
+    pub log_level: String,
+    /// Where per-pod state lives (sockets, console log, shared directory).
+    pub state_dir: PathBuf,
+    /// How long to wait for the guest agent after starting the VMM, seconds.
+    pub boot_timeout_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            vmm: default_vmm(),
+            kernel: PathBuf::from("/usr/local/share/moat/vmlinux"),
+            initrd: PathBuf::from("/usr/local/share/moat/initramfs.cpio.gz"),
+            vcpus: 1,
+            memory_mib: 256,
+            kernel_params: String::new(),
+            debug_console: false,
+            log_level: "info".into(),
+            state_dir: PathBuf::from("/run/moat"),
+            boot_timeout_secs: 120,
+        }
+    }
+}
+
+fn default_vmm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("moat-vmm")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("/usr/local/bin/moat-vmm"))
+}
+
+impl Config {
+    /// Reads the configuration: `explicit` (the runtime option) if given, else `MOAT_CONFIG`,
+    /// else the default path (whose absence means all defaults).
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let env = std::env::var_os("MOAT_CONFIG").map(PathBuf::from);
+        match explicit.map(Path::to_path_buf).or(env) {
+            Some(path) => Self::from_file(&path),
+            None => {
+                let path = Path::new(DEFAULT_CONFIG_PATH);
+                if path.exists() {
+                    Self::from_file(path)
+                } else {
+                    Ok(Self::default())
+                }
+            }
+        }
+    }
+
+    /// Reads and validates one file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
+        let invalid = |what: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            what: what.to_owned(),
+        };
+        if config.vcpus == 0 {
+            return Err(invalid("vcpus must be at least 1"));
+        }
+        if config.memory_mib < 64 {
+            return Err(invalid("memory_mib must be at least 64"));
+        }
+        if config.boot_timeout_secs == 0 {
+            return Err(invalid("boot_timeout_secs must be at least 1"));
+        }
+        if !matches!(
+            config.log_level.as_str(),
+            "error" | "warn" | "info" | "debug" | "trace"
+        ) {
+            return Err(invalid(
+                "log_level must be one of error, warn, info, debug, trace",
+            ));
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let c = Config::parse(
+            "vcpus = 2\nmemory_mib = 512\nkernel = \"/k\"\nlog_level = \"debug\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!((c.vcpus, c.memory_mib), (2, 512));
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = Config::parse("vcpu = 2\n", Path::new("x.toml")).unwrap_err();
+        assert!(err.to_string().contains("vcpu"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        for bad in [
+            "vcpus = 0",
+            "memory_mib = 1",
+            "log_level = \"loud\"",
+            "vcpus = \"x\"",
+        ] {
+            assert!(Config::parse(bad, Path::new("x.toml")).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/moat.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+    }
+}

@@ -1,0 +1,350 @@
+//! A pod's microVM, as the shim sees it: the state directory, the `moat-vmm` process, the
+//! directory shared into the guest over virtio-fs, and the ttrpc connection to the agent.
+//!
+//! Layout of `<state_dir>/<namespace>/<sandbox-id>/`:
+//!
+//! | entry | what |
+//! |---|---|
+//! | `vmm.pid` | pid of moat-vmm (used by `delete` to clean up after a dead shim) |
+//! | `vmm.log` | moat-vmm's own stdout/stderr |
+//! | `console.log` | the guest's serial console |
+//! | `vsock.sock` | moat-vmm's hybrid vsock socket (`CONNECT 1024` reaches the agent) |
+//! | `api.sock` | moat-vmm's control socket |
+//! | `shared/` | shared into the guest as virtio-fs tag [`SHARED_FS_TAG`]; holds each container's rootfs at `<container-id>/rootfs` |
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{info, warn};
+use moat_protocol::agent::{CreateSandboxRequest, DestroySandboxRequest, VersionRequest};
+use moat_protocol::agent_ttrpc_async::AgentClient;
+use moat_protocol::connect::{self, AgentAddress, ConnectError};
+use moat_protocol::ttrpc::context;
+use moat_protocol::{AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+/// virtio-fs tag of the per-pod shared directory.
+pub const SHARED_FS_TAG: &str = "moatfs";
+/// Where the agent mounts a virtio-fs tag inside the guest (`<root>/<tag>`).
+pub const GUEST_VIRTIOFS_ROOT: &str = "/run/moat/virtiofs";
+/// How long a well-behaved guest gets to power off before moat-vmm is killed.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
+/// Time limit of one agent call made while tearing down.
+const TEARDOWN_CALL: Duration = Duration::from_secs(10);
+
+/// Errors booting or talking to a pod's VM.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("{what} {path} not found: set `{key}` in the moat config (see docs/shim.md)")]
+    MissingFile {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+    },
+    #[error("sandbox {id}: {what}: {source}")]
+    Io {
+        id: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("sandbox {id}: moat-vmm exited ({status}) before the agent answered; see {log} and {console}")]
+    VmmDied {
+        id: String,
+        status: String,
+        log: PathBuf,
+        console: PathBuf,
+    },
+    #[error("sandbox {id}: the guest agent did not answer: {source}; see {console}")]
+    AgentUnreachable {
+        id: String,
+        console: PathBuf,
+        #[source]
+        source: ConnectError,
+    },
+    #[error("sandbox {id}: agent call {call} failed: {source}")]
+    Agent {
+        id: String,
+        call: &'static str,
+        #[source]
+        source: moat_protocol::ttrpc::Error,
+    },
+    #[error("sandbox {id}: agent speaks protocol {agent}, this shim speaks {shim}: install matching moat-agent and shim")]
+    ProtocolMismatch { id: String, agent: u32, shim: u32 },
+}
+
+/// What is needed to boot a pod's VM.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    pub namespace: String,
+    pub id: String,
+    pub hostname: String,
+}
+
+/// A running pod VM with a connected agent.
+pub struct Sandbox {
+    pub id: String,
+    pub dir: PathBuf,
+    pub agent: AgentClient,
+    vmm_pid: u32,
+    /// `Some(status)` once moat-vmm has exited.
+    vmm_exit: watch::Receiver<Option<String>>,
+}
+
+/// The state directory of a sandbox.
+pub fn state_dir(config: &Config, namespace: &str, id: &str) -> PathBuf {
+    config.state_dir.join(namespace).join(id)
+}
+
+fn require(path: &Path, what: &'static str, key: &'static str) -> Result<(), SandboxError> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(SandboxError::MissingFile {
+            what,
+            key,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Sandbox {
+    /// Boots the pod's VM and waits for its agent.
+    pub async fn boot(config: &Config, spec: &SandboxSpec) -> Result<Arc<Self>, SandboxError> {
+        require(&config.vmm, "moat-vmm binary", "vmm")?;
+        require(&config.kernel, "guest kernel", "kernel")?;
+        require(&config.initrd, "guest initramfs", "initrd")?;
+
+        let id = spec.id.clone();
+        let dir = state_dir(config, &spec.namespace, &id);
+        let io = |what: &str| {
+            let id = id.clone();
+            let what = what.to_owned();
+            move |source| SandboxError::Io { id, what, source }
+        };
+        if dir.exists() {
+            warn!(
+                "sandbox {id}: stale state in {}; cleaning it up",
+                dir.display()
+            );
+            cleanup_state(&dir);
+        }
+        let shared = dir.join("shared");
+        std::fs::create_dir_all(&shared).map_err(io(&format!("create {}", shared.display())))?;
+
+        let log_path = dir.join("vmm.log");
+        let console = dir.join("console.log");
+        let vsock = dir.join("vsock.sock");
+        let log = std::fs::File::create(&log_path).map_err(io("create vmm.log"))?;
+        let log2 = log.try_clone().map_err(io("dup vmm.log"))?;
+
+        let mut cmdline = String::from(if config.debug_console {
+            "debug"
+        } else {
+            "quiet"
+        });
+        if !config.kernel_params.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&config.kernel_params);
+        }
+        let mut cmd = Command::new(&config.vmm);
+        cmd.arg("--kernel")
+            .arg(&config.kernel)
+            .arg("--initrd")
+            .arg(&config.initrd)
+            .arg("--vcpus")
+            .arg(config.vcpus.to_string())
+            .arg("--mem-mib")
+            .arg(config.memory_mib.to_string())
+            .arg("--cmdline")
+            .arg(&cmdline)
+            .arg("--serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("--vsock-uds")
+            .arg(&vsock)
+            .arg("--fs")
+            .arg(format!("{SHARED_FS_TAG}={}", shared.display()))
+            .arg("--api-sock")
+            .arg(dir.join("api.sock"))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        info!("sandbox {id}: starting {cmd:?}");
+        let mut child = cmd.spawn().map_err(io("start moat-vmm"))?;
+        let vmm_pid = child.id().unwrap_or(0);
+        std::fs::write(dir.join("vmm.pid"), vmm_pid.to_string()).map_err(io("write vmm.pid"))?;
+
+        let (exit_tx, vmm_exit) = watch::channel(None);
+        let watcher_id = id.clone();
+        tokio::spawn(async move {
+            let status = child
+                .wait()
+                .await
+                .map(|s: ExitStatus| s.to_string())
+                .unwrap_or_else(|e| format!("unknown: {e}"));
+            info!("sandbox {watcher_id}: moat-vmm exited: {status}");
+            let _ = exit_tx.send(Some(status));
+        });
+
+        let address = AgentAddress::HybridVsock {
+            uds: vsock,
+            port: AGENT_VSOCK_PORT,
+        };
+        let timeout = Duration::from_secs(config.boot_timeout_secs);
+        let agent = tokio::select! {
+            res = connect::connect(&address, timeout) => match res {
+                Ok(agent) => agent,
+                Err(source) => {
+                    let _ = kill(Pid::from_raw(vmm_pid as i32), Signal::SIGKILL);
+                    return Err(SandboxError::AgentUnreachable { id, console, source });
+                }
+            },
+            status = wait_exit(vmm_exit.clone()) => {
+                return Err(SandboxError::VmmDied { id, status, log: log_path, console });
+            }
+        };
+
+        let sandbox = Arc::new(Self {
+            id: id.clone(),
+            dir,
+            agent,
+            vmm_pid,
+            vmm_exit,
+        });
+        let version = sandbox
+            .agent
+            .version(
+                context::with_timeout(TEARDOWN_CALL.as_nanos() as i64),
+                &VersionRequest::new(),
+            )
+            .await
+            .map_err(|source| sandbox.agent_err("Version", source))?;
+        if version.protocol_version != PROTOCOL_VERSION {
+            sandbox.stop().await;
+            return Err(SandboxError::ProtocolMismatch {
+                id,
+                agent: version.protocol_version,
+                shim: PROTOCOL_VERSION,
+            });
+        }
+        let req = CreateSandboxRequest {
+            sandbox_id: id.clone(),
+            hostname: spec.hostname.clone(),
+            ..Default::default()
+        };
+        if let Err(source) = sandbox
+            .agent
+            .create_sandbox(context::Context::default(), &req)
+            .await
+        {
+            let err = sandbox.agent_err("CreateSandbox", source);
+            sandbox.stop().await;
+            return Err(err);
+        }
+        info!(
+            "sandbox {}: agent {} ready (moat-vmm pid {vmm_pid})",
+            sandbox.id, version.agent_version
+        );
+        Ok(sandbox)
+    }
+
+    /// Wraps an agent call error.
+    pub fn agent_err(
+        &self,
+        call: &'static str,
+        source: moat_protocol::ttrpc::Error,
+    ) -> SandboxError {
+        SandboxError::Agent {
+            id: self.id.clone(),
+            call,
+            source,
+        }
+    }
+
+    /// The host directory shared into the guest.
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
+    /// The guest path of `rel` inside the shared directory.
+    pub fn guest_path(rel: &str) -> String {
+        format!("{GUEST_VIRTIOFS_ROOT}/{SHARED_FS_TAG}/{rel}")
+    }
+
+    /// moat-vmm's pid (the host process that holds the pod).
+    pub fn vmm_pid(&self) -> u32 {
+        self.vmm_pid
+    }
+
+    /// True once moat-vmm has exited.
+    pub fn vmm_exited(&self) -> bool {
+        self.vmm_exit.borrow().is_some()
+    }
+
+    /// Waits until moat-vmm has exited.
+    pub async fn wait_vmm_exit(&self) {
+        wait_exit(self.vmm_exit.clone()).await;
+    }
+
+    /// Stops the VM: asks the agent to power off, waits for moat-vmm to exit for a grace period,
+    /// then kills it; removes the state directory (unmounting whatever is left in it).
+    pub async fn stop(&self) {
+        if !self.vmm_exited() {
+            let req = DestroySandboxRequest {
+                power_off: true,
+                ..Default::default()
+            };
+            let ctx = context::with_timeout(TEARDOWN_CALL.as_nanos() as i64);
+            if let Err(e) = self.agent.destroy_sandbox(ctx, &req).await {
+                info!("sandbox {}: DestroySandbox: {e} (killing the VM)", self.id);
+            }
+            if tokio::time::timeout(POWER_OFF_GRACE, self.wait_vmm_exit())
+                .await
+                .is_err()
+            {
+                warn!(
+                    "sandbox {}: guest did not power off; killing moat-vmm",
+                    self.id
+                );
+                let _ = kill(Pid::from_raw(self.vmm_pid as i32), Signal::SIGKILL);
+                self.wait_vmm_exit().await;
+            }
+        }
+        cleanup_state(&self.dir);
+    }
+}
+
+/// Waits for moat-vmm's exit and returns how it ended.
+async fn wait_exit(mut rx: watch::Receiver<Option<String>>) -> String {
+    match rx.wait_for(Option::is_some).await {
+        Ok(status) => status.clone().unwrap_or_default(),
+        Err(_) => "unknown".to_owned(),
+    }
+}
+
+/// Removes a sandbox state directory after killing a moat-vmm named by its `vmm.pid` (if it still
+/// runs) and unmounting everything below it. Used by normal teardown and by `delete` after a dead
+/// shim. Errors are logged: cleanup goes as far as it can.
+pub fn cleanup_state(dir: &Path) {
+    if let Ok(pid) = std::fs::read_to_string(dir.join("vmm.pid")) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if pid > 0 && comm.trim() == "moat-vmm" {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+    crate::rootfs::unmount_below(dir);
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+}

@@ -1,0 +1,97 @@
+//! The shim process's lifecycle, as containerd drives it (`containerd_shim::asynchronous::Shim`):
+//! `start` spawns (or reuses, for a pod) the long-running shim server and prints its address;
+//! `delete` cleans up after a shim that died; the server runs the Task service until `Shutdown`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use containerd_shim::asynchronous::publisher::RemotePublisher;
+use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::util::{timestamp, write_str_to_file};
+use containerd_shim::{Config as ShimConfig, DeleteResponse, Error, Flags, StartOpts};
+use containerd_shim_protos::protobuf::MessageField;
+use log::info;
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::rootfs;
+use crate::sandbox;
+use crate::task::TaskService;
+
+/// Exit status reported for a task whose shim died (as runc's shim does: killed).
+const DEAD_SHIM_STATUS: u32 = 128 + 9;
+const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+
+pub struct Service {
+    namespace: String,
+    id: String,
+    exit: Arc<ExitSignal>,
+}
+
+/// The pod a container belongs to: the CRI sandbox id, or the container itself.
+fn sandbox_id_of(bundle: &Path, container_id: &str) -> String {
+    std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .and_then(|spec| {
+            spec.get("annotations")?
+                .get(SANDBOX_ID_ANNOTATION)?
+                .as_str()
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| container_id.to_owned())
+}
+
+#[async_trait]
+impl Shim for Service {
+    type T = TaskService;
+
+    async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
+        // moat-vmm is our child and is waited for by tokio; the library must not reap it.
+        config.no_reaper = true;
+        if let Ok(c) = Config::load(None) {
+            config.default_log_level = c.log_level;
+        }
+        Service {
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+            exit: Arc::new(ExitSignal::default()),
+        }
+    }
+
+    async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
+        // containerd runs `start` in the bundle directory.
+        let grouping = sandbox_id_of(Path::new("."), &opts.id);
+        let address = spawn(opts, &grouping, Vec::new()).await?;
+        write_str_to_file("address", &address).await?;
+        Ok(address)
+    }
+
+    async fn delete_shim(&mut self) -> Result<DeleteResponse, Error> {
+        // The shim of this task is gone: remove what it left behind.
+        let sandbox_id = sandbox_id_of(Path::new("."), &self.id);
+        let config = Config::load(None).unwrap_or_default();
+        let dir = sandbox::state_dir(&config, &self.namespace, &sandbox_id);
+        if sandbox_id == self.id {
+            info!("delete: cleaning up pod VM state {}", dir.display());
+            sandbox::cleanup_state(&dir);
+        } else {
+            rootfs::remove_container_files(&dir.join("shared"), &self.id);
+        }
+        Ok(DeleteResponse {
+            pid: 0,
+            exit_status: DEAD_SHIM_STATUS,
+            exited_at: MessageField::some(timestamp()?),
+            ..Default::default()
+        })
+    }
+
+    async fn wait(&mut self) {
+        self.exit.wait().await;
+    }
+
+    async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        TaskService::new(&self.namespace, publisher, self.exit.clone())
+    }
+}
