@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 pub use libtest_mimic::{Failed, Trial};
 
+pub mod containerd;
+
 /// What a check returns: `Ok(())`, or a message saying what went wrong.
 pub type Check = Result<(), Failed>;
 

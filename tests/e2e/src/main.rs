@@ -9,6 +9,7 @@
 mod agent;
 mod guest;
 mod kvm_smoke;
+mod shim;
 mod vmm;
 
 use std::env;
@@ -23,6 +24,7 @@ fn all_trials() -> Vec<moat_e2e::Trial> {
     trials.extend(vmm::trials());
     trials.extend(guest::trials());
     trials.extend(agent::trials());
+    trials.extend(shim::trials());
     trials
 }
 
@@ -46,5 +48,7 @@ fn main() -> ExitCode {
         eprintln!("e2e: cannot run {}: {err}", runner.display());
         return ExitCode::FAILURE;
     }
-    libtest_mimic::run(&args, all_trials()).exit_code()
+    let conclusion = libtest_mimic::run(&args, all_trials());
+    moat_e2e::containerd::shutdown();
+    conclusion.exit_code()
 }

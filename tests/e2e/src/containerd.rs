@@ -1,0 +1,284 @@
+//! A private containerd for E2E trials: its own root, state and socket under a scratch directory,
+//! `containerd-shim-moat-v2` (and `moat-vmm` next to it) on its PATH, a moat config pointing at the
+//! repo's guest images, and a busybox image built locally from busybox-static and imported — no
+//! registry involved.
+//!
+//! One instance is shared by all trials of a run ([`Containerd::shared`]); [`shutdown`] stops it
+//! and removes its files (the harness calls it after the last trial).
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::{bin_dir, guest_initrd, guest_kernel, run_bounded, Context, Failed};
+
+/// The name the test image is imported under.
+pub const IMAGE: &str = "docker.io/library/moat-busybox:e2e";
+/// The runtime type containerd resolves to `containerd-shim-moat-v2`.
+pub const RUNTIME: &str = "io.containerd.moat.v2";
+/// Time limit of one `ctr` call (the software-KVM host is ~30x slower than hardware).
+pub const CTR_LIMIT: u32 = 300;
+
+/// A running private containerd.
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub moat_state: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+static SHARED: OnceLock<Result<Containerd, String>> = OnceLock::new();
+
+impl Containerd {
+    /// The run's containerd, started (and the test image imported) on first use.
+    pub fn shared() -> Result<&'static Containerd, Failed> {
+        SHARED
+            .get_or_init(|| {
+                Self::start()
+                    .map_err(|e| e.message().unwrap_or("containerd setup failed").to_owned())
+            })
+            .as_ref()
+            .map_err(|e| Failed::from(e.clone()))
+    }
+
+    fn start() -> Result<Containerd, Failed> {
+        let dir = std::env::temp_dir().join(format!("moat-e2e-containerd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).context("create containerd dir")?;
+        let socket = dir.join("containerd.sock");
+        let moat_state = dir.join("moat");
+        let config = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            sock = socket.display(),
+        );
+        fs::write(dir.join("containerd.toml"), config).context("write containerd.toml")?;
+        let moat_config = format!(
+            "kernel = \"{}\"\ninitrd = \"{}\"\nvmm = \"{}\"\nstate_dir = \"{}\"\n\
+             memory_mib = 256\nlog_level = \"debug\"\nboot_timeout_secs = 240\n",
+            guest_kernel()?.display(),
+            guest_initrd()?.display(),
+            crate::bin("moat-vmm")?.display(),
+            moat_state.display(),
+        );
+        fs::write(dir.join("moat.toml"), moat_config).context("write moat.toml")?;
+        crate::bin("containerd-shim-moat-v2")?;
+
+        let path = format!(
+            "{}:{}",
+            bin_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let log = fs::File::create(dir.join("containerd.log")).context("create containerd.log")?;
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("containerd.toml"))
+            .env("PATH", path)
+            .env("MOAT_CONFIG", dir.join("moat.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().context("dup log")?)
+            .stderr(log)
+            .spawn()
+            .context("start containerd (apt-get install containerd)")?;
+        let c = Containerd {
+            dir,
+            socket,
+            moat_state,
+            child: Mutex::new(Some(child)),
+        };
+        c.wait_ready()?;
+        c.import_image()?;
+        Ok(c)
+    }
+
+    fn wait_ready(&self) -> Result<(), Failed> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let out = run_bounded(self.ctr().arg("version"), 30)?;
+            if out.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "containerd did not come up in 120 s; its log:\n{}",
+                    fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+                )
+                .into());
+            }
+            // Poll the socket: containerd has no readiness notification for a plain child.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn import_image(&self) -> Result<(), Failed> {
+        let tar = build_busybox_image(&self.dir.join("image"))?;
+        let out = run_bounded(self.ctr().args(["image", "import"]).arg(&tar), CTR_LIMIT)?;
+        check(&out, "ctr image import")?;
+        Ok(())
+    }
+
+    /// A `ctr` command aimed at this containerd (namespace `default`).
+    pub fn ctr(&self) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address").arg(&self.socket);
+        cmd
+    }
+
+    /// Runs `ctr ARGS` bounded by [`CTR_LIMIT`].
+    pub fn run_ctr(&self, args: &[&str]) -> Result<Output, Failed> {
+        run_bounded(self.ctr().args(args), CTR_LIMIT)
+    }
+
+    /// containerd's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    fn stop(&self) {
+        if let Ok(mut slot) = self.child.lock() {
+            if let Some(mut child) = slot.take() {
+                let _ = Command::new("kill").arg(child.id().to_string()).status();
+                let _ = child.wait();
+            }
+        }
+        // Whatever containerd left mounted below its root (snapshots) goes too.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {0}[^ ]*' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l",
+                self.dir.display()
+            ))
+            .status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Stops the shared containerd if it was started.
+pub fn shutdown() {
+    if let Some(Ok(c)) = SHARED.get() {
+        c.stop();
+    }
+}
+
+/// Fails with the command's output unless it succeeded.
+pub fn check(out: &Output, what: &str) -> Result<(), Failed> {
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed ({})\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into())
+    }
+}
+
+fn sha256_file(path: &Path) -> Result<String, Failed> {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .context("sha256sum")?;
+    check(&out, "sha256sum")?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Builds an OCI image layout tarball holding one layer: busybox-static with its applets linked
+/// into /bin. Returns the tarball's path.
+pub fn build_busybox_image(dir: &Path) -> Result<PathBuf, Failed> {
+    let rootfs = dir.join("rootfs");
+    let blobs = dir.join("layout/blobs/sha256");
+    fs::create_dir_all(rootfs.join("bin")).context("create rootfs")?;
+    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
+        fs::create_dir_all(rootfs.join(d)).context("create rootfs dirs")?;
+    }
+    fs::create_dir_all(&blobs).context("create blobs")?;
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
+        .context("copy /bin/busybox (apt-get install busybox-static)")?;
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .context("busybox --list")?;
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
+        }
+    }
+    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").context("passwd")?;
+    fs::write(rootfs.join("etc/group"), "root:x:0:\n").context("group")?;
+
+    let layer = dir.join("layer.tar");
+    let out = Command::new("tar")
+        .args([
+            "--sort=name",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "--mtime=@0",
+            "-C",
+        ])
+        .arg(&rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg(".")
+        .output()
+        .context("tar the layer")?;
+    check(&out, "tar the layer")?;
+    let layer_digest = sha256_file(&layer)?;
+    let layer_size = fs::metadata(&layer).context("layer size")?.len();
+    fs::rename(&layer, blobs.join(&layer_digest)).context("move layer")?;
+
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
+    );
+    let config_digest = write_blob(&blobs, config.as_bytes())?;
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_digest}","size":{layer_size}}}]}}"#,
+        config.len()
+    );
+    let manifest_digest = write_blob(&blobs, manifest.as_bytes())?;
+    let mut index = String::new();
+    let _ = write!(
+        index,
+        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{IMAGE}","org.opencontainers.image.ref.name":"e2e"}}}}]}}"#,
+        manifest.len()
+    );
+    fs::write(dir.join("layout/index.json"), index).context("index.json")?;
+    fs::write(
+        dir.join("layout/oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .context("oci-layout")?;
+    let tar = dir.join("image.tar");
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir.join("layout"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .output()
+        .context("tar the image")?;
+    check(&out, "tar the image")?;
+    Ok(tar)
+}
+
+fn write_blob(blobs: &Path, data: &[u8]) -> Result<String, Failed> {
+    let tmp = blobs.join("tmp");
+    fs::write(&tmp, data).context("write blob")?;
+    let digest = sha256_file(&tmp)?;
+    fs::rename(&tmp, blobs.join(&digest)).context("move blob")?;
+    Ok(digest)
+}
