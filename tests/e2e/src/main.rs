@@ -7,6 +7,7 @@
 //! the exit status is the inner run's. Filters and flags (`--list`, `--exact`, `NAME`) pass through.
 
 mod agent;
+mod cli;
 mod guest;
 mod kvm_smoke;
 mod shim;
@@ -25,6 +26,7 @@ fn all_trials() -> Vec<moat_e2e::Trial> {
     trials.extend(guest::trials());
     trials.extend(agent::trials());
     trials.extend(shim::trials());
+    trials.extend(cli::trials());
     trials
 }
 
