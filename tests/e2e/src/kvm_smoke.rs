@@ -37,7 +37,10 @@ const PAYLOAD: [u8; 20] = [
 ];
 
 pub fn trials() -> Vec<Trial> {
-    vec![trial("kvm_smoke::long_mode_payload_prints_on_serial", long_mode_payload)]
+    vec![trial(
+        "kvm_smoke::long_mode_payload_prints_on_serial",
+        long_mode_payload,
+    )]
 }
 
 /// Anonymous guest memory, unmapped on drop.
@@ -68,7 +71,10 @@ impl GuestMem {
 
     fn write(&mut self, addr: u64, bytes: &[u8]) {
         let start = addr as usize;
-        assert!(start + bytes.len() <= self.len, "payload layout exceeds guest memory");
+        assert!(
+            start + bytes.len() <= self.len,
+            "payload layout exceeds guest memory"
+        );
         // SAFETY: in bounds (checked above) of a mapping this struct owns.
         let all = unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) };
         all[start..start + bytes.len()].copy_from_slice(bytes);
@@ -172,5 +178,8 @@ fn long_mode_payload() -> Check {
             String::from_utf8_lossy(MESSAGE)
         ),
     )?;
-    ensure(halted, "the payload did not reach hlt within the exit budget")
+    ensure(
+        halted,
+        "the payload did not reach hlt within the exit budget",
+    )
 }

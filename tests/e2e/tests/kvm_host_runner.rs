@@ -18,7 +18,9 @@ fn run_in_host(script: &str, extra_env: &[(&str, &str)]) -> Output {
     for (k, v) in extra_env {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("tests/kvm-host/run could not be started");
+    let out = cmd
+        .output()
+        .expect("tests/kvm-host/run could not be started");
     eprintln!(
         "--- stdout\n{}--- stderr\n{}",
         String::from_utf8_lossy(&out.stdout),
@@ -34,17 +36,28 @@ fn inner_status_output_env_and_cwd_come_back_and_cache_is_reused() {
         r#"echo "probe env=$MOAT_E2E_PROBE cwd=$(pwd) host=$MOAT_KVM_HOST"; exit 7"#,
         &[("MOAT_E2E_PROBE", "a value with spaces")],
     );
-    assert_eq!(out.status.code(), Some(7), "inner exit 7 must be the run's status");
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "inner exit 7 must be the run's status"
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let expected = format!("probe env=a value with spaces cwd={}", cwd.display());
-    assert!(stdout.contains(&expected), "expected {expected:?} in the output");
+    assert!(
+        stdout.contains(&expected),
+        "expected {expected:?} in the output"
+    );
 
     // The acceptance probe: a real KVM with SVM (or VMX on a hardware Intel host).
     let out = run_in_host(
         "test -c /dev/kvm && test ! -d /sys/module/kvm_pvm && grep -qwE 'svm|vmx' /proc/cpuinfo",
         &[],
     );
-    assert_eq!(out.status.code(), Some(0), "the host must offer a real /dev/kvm");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the host must offer a real /dev/kvm"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !stderr.contains("hardware KVM found") {
         assert!(
@@ -64,7 +77,14 @@ fn failing_inner_command_fails_the_run() {
 #[test]
 fn hung_inner_command_times_out_with_a_message() {
     let out = run_in_host("sleep 3600", &[("MOAT_KVM_HOST_TIMEOUT", "90")]);
-    assert_eq!(out.status.code(), Some(124), "a hung run must end with status 124");
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "a hung run must end with status 124"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("timed out after 90 s"), "the time-out must be explained");
+    assert!(
+        stderr.contains("timed out after 90 s"),
+        "the time-out must be explained"
+    );
 }

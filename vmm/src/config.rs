@@ -1,0 +1,356 @@
+//! VM configuration and the `moat-vmm` command line that fills it.
+
+use std::path::PathBuf;
+
+/// Where the guest console (COM1) goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOut {
+    /// The VMM's stdout.
+    Stdout,
+    /// Appended to a file (created if missing); a FIFO path works too.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+/// A host directory shared with the guest over virtio-fs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct FsShare {
+    /// Mount tag the guest uses (`mount -t virtiofs TAG /mnt`), at most 36 bytes.
+    pub tag: String,
+    /// Host directory.
+    pub dir: PathBuf,
+}
+
+/// A raw disk image exposed as virtio-blk.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct BlkConfig {
+    /// Host file.
+    pub path: PathBuf,
+    /// Open read-only and tell the guest so.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Host side of the vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// Unix socket the VMM listens on (host-initiated connections); guest-initiated
+    /// connections to port P go to `<uds>_P`.
+    pub uds: PathBuf,
+    /// Guest CID.
+    pub cid: u64,
+}
+
+/// Everything needed to build the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel image: ELF vmlinux (PVH note preferred) or bzImage.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initrd: Option<PathBuf>,
+    /// Appended to the default kernel command line.
+    pub cmdline_extra: Option<String>,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Console destination.
+    pub serial: SerialOut,
+    /// vsock device.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares.
+    pub fs: Vec<FsShare>,
+    /// virtio-blk disks.
+    pub blk: Vec<BlkConfig>,
+    /// Control socket.
+    pub api_sock: Option<PathBuf>,
+    /// Wait for `{"cmd":"start"}` on the control socket before booting.
+    pub defer_start: bool,
+    /// Offer a virtio-rng device.
+    pub rng: bool,
+}
+
+/// Guest CID when none is given.
+pub const DEFAULT_CID: u64 = 3;
+/// Guest RAM when none is given.
+pub const DEFAULT_MEM_MIB: u64 = 256;
+
+/// The default kernel command line. `reboot=k` makes a guest reboot reach the i8042, which
+/// ends the VMM; `panic=1` turns a panic into such a reboot one second later. (A guest
+/// power-off only halts the vCPUs: there is no ACPI.)
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.nokbd";
+
+/// Command-line errors (exit status 2).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// An option needs a value.
+    #[error("option {0} needs a value")]
+    MissingValue(String),
+    /// An unknown option.
+    #[error("unknown option {0}")]
+    Unknown(String),
+    /// A malformed value.
+    #[error("invalid value {value:?} for {option}: {why}")]
+    Invalid {
+        /// The option.
+        option: String,
+        /// The value given.
+        value: String,
+        /// What is expected.
+        why: &'static str,
+    },
+    /// `--kernel` is mandatory.
+    #[error("--kernel PATH is required")]
+    NoKernel,
+    /// `--defer-start` needs somewhere to receive `start`.
+    #[error("--defer-start needs --api-sock")]
+    DeferWithoutApi,
+    /// Help was requested.
+    #[error("help requested")]
+    Help,
+}
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: moat-vmm --kernel PATH [--initrd PATH] [--cmdline EXTRA] [--vcpus N] [--mem-mib N]
+                [--serial stdout|file:PATH|none] [--vsock-uds PATH] [--vsock-cid N]
+                [--fs TAG=DIR]... [--blk PATH[:ro]]... [--no-rng]
+                [--api-sock PATH [--defer-start]]
+See docs/vmm.md for the control socket protocol and exit statuses.";
+
+fn invalid(option: &str, value: &str, why: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        option: option.to_string(),
+        value: value.to_string(),
+        why,
+    }
+}
+
+/// Validates a virtio-fs tag.
+pub fn check_fs_tag(tag: &str) -> Result<(), &'static str> {
+    if tag.is_empty() || tag.len() > 36 {
+        return Err("the tag must be 1 to 36 bytes");
+    }
+    Ok(())
+}
+
+impl VmConfig {
+    /// Parses the arguments after the program name.
+    pub fn from_args<I: IntoIterator<Item = String>>(args: I) -> Result<Self, ConfigError> {
+        let mut kernel = None;
+        let mut cfg = VmConfig {
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline_extra: None,
+            vcpus: 1,
+            mem_mib: DEFAULT_MEM_MIB,
+            serial: SerialOut::Stdout,
+            vsock: None,
+            fs: Vec::new(),
+            blk: Vec::new(),
+            api_sock: None,
+            defer_start: false,
+            rng: true,
+        };
+        let mut vsock_uds = None;
+        let mut cid = DEFAULT_CID;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let (opt, inline) = match arg.split_once('=') {
+                Some((o, v)) if o.starts_with("--") => (o.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            match opt.as_str() {
+                "-h" | "--help" => return Err(ConfigError::Help),
+                "--no-rng" => {
+                    cfg.rng = false;
+                    continue;
+                }
+                "--defer-start" => {
+                    cfg.defer_start = true;
+                    continue;
+                }
+                _ => {}
+            }
+            let mut value = || {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| ConfigError::MissingValue(opt.clone()))
+            };
+            match opt.as_str() {
+                "--kernel" => kernel = Some(PathBuf::from(value()?)),
+                "--initrd" => cfg.initrd = Some(PathBuf::from(value()?)),
+                "--cmdline" => cfg.cmdline_extra = Some(value()?),
+                "--vcpus" => {
+                    let v = value()?;
+                    cfg.vcpus = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=crate::arch::x86_64::mptable::MAX_VCPUS).contains(n))
+                        .ok_or_else(|| invalid(&opt, &v, "a vCPU count from 1 to 32"))?;
+                }
+                "--mem-mib" => {
+                    let v = value()?;
+                    cfg.mem_mib = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n >= 64)
+                        .ok_or_else(|| invalid(&opt, &v, "a size in MiB, at least 64"))?;
+                }
+                "--serial" => {
+                    let v = value()?;
+                    cfg.serial = match v.as_str() {
+                        "stdout" => SerialOut::Stdout,
+                        "none" => SerialOut::None,
+                        s => match s.strip_prefix("file:") {
+                            Some(p) if !p.is_empty() => SerialOut::File(PathBuf::from(p)),
+                            _ => return Err(invalid(&opt, &v, "stdout, none or file:PATH")),
+                        },
+                    };
+                }
+                "--vsock-uds" => vsock_uds = Some(PathBuf::from(value()?)),
+                "--vsock-cid" => {
+                    let v = value()?;
+                    cid = v
+                        .parse()
+                        .ok()
+                        .filter(|c| *c >= 3 && *c < u64::from(u32::MAX))
+                        .ok_or_else(|| invalid(&opt, &v, "a CID from 3 to 4294967294"))?;
+                }
+                "--fs" => {
+                    let v = value()?;
+                    let (tag, dir) = v
+                        .split_once('=')
+                        .filter(|(_, d)| !d.is_empty())
+                        .ok_or_else(|| invalid(&opt, &v, "TAG=DIR"))?;
+                    check_fs_tag(tag).map_err(|why| invalid(&opt, &v, why))?;
+                    cfg.fs.push(FsShare {
+                        tag: tag.to_string(),
+                        dir: PathBuf::from(dir),
+                    });
+                }
+                "--blk" => {
+                    let v = value()?;
+                    let (path, read_only) = match v.strip_suffix(":ro") {
+                        Some(p) => (p, true),
+                        None => (v.strip_suffix(":rw").unwrap_or(&v), false),
+                    };
+                    if path.is_empty() {
+                        return Err(invalid(&opt, &v, "PATH[:ro]"));
+                    }
+                    cfg.blk.push(BlkConfig {
+                        path: PathBuf::from(path),
+                        read_only,
+                    });
+                }
+                "--api-sock" => cfg.api_sock = Some(PathBuf::from(value()?)),
+                _ => return Err(ConfigError::Unknown(arg)),
+            }
+        }
+        cfg.kernel = kernel.ok_or(ConfigError::NoKernel)?;
+        cfg.vsock = vsock_uds.map(|uds| VsockConfig { uds, cid });
+        if cfg.defer_start && cfg.api_sock.is_none() {
+            return Err(ConfigError::DeferWithoutApi);
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<VmConfig, ConfigError> {
+        VmConfig::from_args(s.split_whitespace().map(String::from))
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = parse(
+            "--kernel /k --initrd=/i --cmdline quiet --vcpus 2 --mem-mib 512 --serial file:/tmp/s \
+             --vsock-uds /tmp/v --vsock-cid 7 --fs root=/srv --fs b=/x --blk /d:ro --blk /e \
+             --api-sock /tmp/a --defer-start --no-rng",
+        )
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(c.cmdline_extra.as_deref(), Some("quiet"));
+        assert_eq!((c.vcpus, c.mem_mib), (2, 512));
+        assert_eq!(c.serial, SerialOut::File("/tmp/s".into()));
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                uds: "/tmp/v".into(),
+                cid: 7
+            })
+        );
+        assert_eq!(c.fs.len(), 2);
+        assert_eq!(c.fs[0].tag, "root");
+        assert_eq!(
+            c.blk[0],
+            BlkConfig {
+                path: "/d".into(),
+                read_only: true
+            }
+        );
+        assert!(!c.blk[1].read_only);
+        assert!(c.defer_start && !c.rng);
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse("--kernel /k").unwrap();
+        assert_eq!((c.vcpus, c.mem_mib, c.rng), (1, DEFAULT_MEM_MIB, true));
+        assert_eq!(c.serial, SerialOut::Stdout);
+        assert_eq!(c.vsock, None);
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(parse(""), Err(ConfigError::NoKernel));
+        assert_eq!(
+            parse("--kernel"),
+            Err(ConfigError::MissingValue("--kernel".into()))
+        );
+        assert_eq!(
+            parse("--kernel /k --bogus"),
+            Err(ConfigError::Unknown("--bogus".into()))
+        );
+        assert!(matches!(
+            parse("--kernel /k --vcpus 0"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse("--kernel /k --vcpus 33"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse("--kernel /k --mem-mib 8"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse("--kernel /k --serial tty"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse("--kernel /k --fs nodir"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse("--kernel /k --fs 0123456789012345678901234567890123456=/d"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            parse("--kernel /k --vsock-cid 2"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert_eq!(
+            parse("--kernel /k --defer-start"),
+            Err(ConfigError::DeferWithoutApi)
+        );
+        assert_eq!(parse("--help"), Err(ConfigError::Help));
+    }
+}

@@ -1,0 +1,10 @@
+//! Legacy PC devices on the port I/O bus: the 8250 UART on COM1 (guest console), the i8042
+//! controller (enough for a guest to request a reset) and the boot marker port.
+
+pub mod i8042;
+pub mod marker;
+pub mod serial;
+
+pub use i8042::{I8042, I8042_LEN, I8042_PORT};
+pub use marker::{BootMarker, MARKER_PORT, MARKER_UNSET, MARKER_VALUE};
+pub use serial::{EventFdTrigger, SerialDevice, SerialInput, SERIAL_LEN, SERIAL_PORT};

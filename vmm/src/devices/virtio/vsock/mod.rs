@@ -1,0 +1,214 @@
+//! virtio-vsock device: the guest's `AF_VSOCK` stream sockets, bridged to host Unix sockets
+//! by the [`muxer::Muxer`] (hybrid style, see docs/vmm.md). Queues: RX (device → guest),
+//! TX (guest → device) and the event queue (unused: we never reset the transport).
+
+pub mod muxer;
+pub mod packet;
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{
+    device_type, ActivateContext, ActivateError, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+};
+use muxer::{Muxer, MuxerError, MAX_PAYLOAD};
+use packet::Header;
+
+const QUEUE_SIZE: u16 = 256;
+const RXQ: usize = 0;
+const TXQ: usize = 1;
+const EVQ: usize = 2;
+
+/// Errors creating the device.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The guest CID is reserved (0, 1, 2 and `u32::MAX` are not guest CIDs).
+    #[error("invalid guest CID {0}: use a value from 3 to 4294967294")]
+    Cid(u64),
+    /// The host Unix socket could not be set up.
+    #[error(transparent)]
+    Muxer(#[from] MuxerError),
+    /// An eventfd could not be created.
+    #[error("cannot create eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// The vsock device.
+pub struct Vsock {
+    cid: u64,
+    evts: [EventFd; 3],
+    active: Option<ActivateContext>,
+    muxer: Muxer,
+    /// The driver reset the device: close every connection on the next event loop pass.
+    reset_pending: bool,
+}
+
+impl Vsock {
+    /// A device for guest CID `cid` whose host side listens on `uds_path`.
+    pub fn new(cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        if cid < 3 || cid >= u64::from(u32::MAX) {
+            return Err(VsockError::Cid(cid));
+        }
+        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd);
+        Ok(Self {
+            cid,
+            evts: [evt()?, evt()?, evt()?],
+            active: None,
+            muxer: Muxer::new(uds_path, cid)?,
+            reset_pending: false,
+        })
+    }
+
+    /// Consumes every packet the guest sent.
+    fn process_tx(&mut self, ops: &mut EventOps) {
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        let mem = ctx.mem.clone();
+        let mut used = false;
+        while let Some(chain) = ctx.queues[TXQ].pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            match read_packet(chain, &mem) {
+                Ok((h, payload)) => self.muxer.handle_guest_packet(h, &payload, ops),
+                Err(e) => guest_warn!("vsock: malformed TX packet: {e}"),
+            }
+            if let Err(e) = ctx.queues[TXQ].add_used(&mem, head, 0) {
+                log::error!("vsock: cannot return TX descriptor: {e}");
+            }
+            used = true;
+        }
+        if used {
+            ctx.irq.trigger(INT_VRING);
+        }
+    }
+
+    /// Fills guest RX buffers while there is something to send.
+    fn process_rx(&mut self, ops: &mut EventOps) {
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        let mem = ctx.mem.clone();
+        let mut used = false;
+        while self.muxer.has_rx_work() {
+            let Some(chain) = ctx.queues[RXQ].pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let len = match chain.writer(&mem) {
+                Ok(mut w) => match self.muxer.fill_rx(&mut w, ops) {
+                    Some(len) => len,
+                    None => {
+                        ctx.queues[RXQ].go_to_previous_position();
+                        break;
+                    }
+                },
+                Err(e) => {
+                    guest_warn!("vsock: malformed RX buffer: {e}");
+                    0
+                }
+            };
+            if let Err(e) = ctx.queues[RXQ].add_used(&mem, head, len as u32) {
+                log::error!("vsock: cannot return RX descriptor: {e}");
+            }
+            used = true;
+        }
+        if used {
+            ctx.irq.trigger(INT_VRING);
+        }
+    }
+}
+
+/// Reads header and payload of one TX packet.
+fn read_packet(
+    chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
+    mem: &vm_memory::GuestMemoryMmap,
+) -> Result<(Header, Vec<u8>), String> {
+    let mut r = chain.reader(mem).map_err(|e| e.to_string())?;
+    let h: Header = r.read_obj().map_err(|e| format!("short header: {e}"))?;
+    let len = h.len as usize;
+    if len > MAX_PAYLOAD || len > r.available_bytes() {
+        return Err(format!("payload length {len} exceeds the buffer"));
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).map_err(|e| e.to_string())?;
+    Ok((h, payload))
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&self.cid.to_le_bytes(), offset, data)
+    }
+    fn queue_events(&self) -> &[EventFd] {
+        &self.evts
+    }
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: ctx.queues.len(),
+            });
+        }
+        self.active = Some(ctx);
+        // Host connections may already be waiting; the guest kicks RX once it posts buffers.
+        Ok(())
+    }
+    fn reset(&mut self) {
+        self.active = None;
+        // Connections die with the driver; the event loop (woken through the event queue's
+        // eventfd) closes them, since only it can unregister their fds.
+        self.reset_pending = true;
+        if let Err(e) = self.evts[EVQ].write(1) {
+            log::error!("vsock: cannot wake the event loop after a reset: {e}");
+        }
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.reset_pending {
+            self.reset_pending = false;
+            self.muxer.close_all(ops);
+        }
+        let fd = events.fd();
+        if fd == self.evts[RXQ].as_raw_fd() {
+            let _ = self.evts[RXQ].read();
+        } else if fd == self.evts[TXQ].as_raw_fd() {
+            let _ = self.evts[TXQ].read();
+            self.process_tx(ops);
+        } else if fd == self.evts[EVQ].as_raw_fd() {
+            let _ = self.evts[EVQ].read();
+        } else if self.muxer.owns(fd) {
+            self.muxer.handle_event(fd, events.event_set(), ops);
+        } else {
+            log::warn!("vsock: event for unknown fd {fd}");
+            let _ = ops.remove(events);
+        }
+        self.process_rx(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for e in &self.evts {
+            if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
+                log::error!("vsock: cannot register queue event: {err:?}");
+            }
+        }
+        self.muxer.init(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests;
