@@ -1,0 +1,761 @@
+//! The `moat-agent __init` helper: a single-threaded process the agent
+//! spawns (fresh `execve` of its own binary, so no state of the threaded
+//! agent leaks in) to build one container, exec'd process or the sandbox's
+//! namespace holder.
+//!
+//! Sequence: read [`InitConfig`] from fd 3 → join the cgroup → join
+//! namespaces → unshare new ones → fork (so the child is inside the new PID
+//! namespace) → the parent reports the child's PID and exits; the child does
+//! the rootfs setup (mounts, devices, `pivot_root`, masked/read-only paths),
+//! reports Ready, waits for Start, drops privileges (rlimits, user, groups,
+//! capabilities, no_new_privs, seccomp) and `execve`s the workload. Errors
+//! go back to the agent over fd 3; on success the close-on-exec socket simply
+//! reaches end of stream.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, FromRawFd};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::{chdir, execve, fork, pivot_root, ForkResult, Gid, Uid};
+use oci_spec::runtime::{LinuxCapabilities, Mount, Process};
+
+use crate::ipc::{self, InitConfig, InitMsg, Kind, RootfsPlan, START_BYTE};
+use crate::spec::{resolve_in_root, SpecError};
+
+/// Environment variable naming the control socket fd.
+pub const INIT_FD_ENV: &str = "_MOAT_INIT_FD";
+
+/// Errors of container setup inside the helper.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A path was refused.
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    /// The control channel failed.
+    #[error(transparent)]
+    Ipc(#[from] ipc::IpcError),
+    /// The config asks for something that cannot be done.
+    #[error("{0}")]
+    Bad(String),
+}
+
+type Result<T> = std::result::Result<T, InitError>;
+
+fn sys(what: impl FnOnce() -> String) -> impl FnOnce(nix::Error) -> InitError {
+    move |source| InitError::Sys {
+        what: what(),
+        source,
+    }
+}
+
+fn io(what: impl FnOnce() -> String) -> impl FnOnce(std::io::Error) -> InitError {
+    move |source| InitError::Io {
+        what: what(),
+        source,
+    }
+}
+
+/// Entry point of `moat-agent __init`; never returns.
+pub fn main() -> ! {
+    let fd: i32 = match std::env::var(INIT_FD_ENV).ok().and_then(|v| v.parse().ok()) {
+        Some(fd) => fd,
+        None => {
+            eprintln!("moat-agent __init is internal to the agent ({INIT_FD_ENV} not set)");
+            std::process::exit(2);
+        }
+    };
+    // SAFETY: the agent passed this descriptor to us and nothing else owns it.
+    let mut sock = unsafe { UnixStream::from_raw_fd(fd) };
+    if let Err(e) = run(&mut sock) {
+        let _ = ipc::send(&mut sock, &InitMsg::Error(e.to_string()));
+        std::process::exit(1);
+    }
+    std::process::exit(0);
+}
+
+fn run(sock: &mut UnixStream) -> Result<()> {
+    // The descriptor must not reach the workload.
+    nix::fcntl::fcntl(
+        std::os::fd::AsRawFd::as_raw_fd(sock),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(sys(|| "marking the control socket close-on-exec".into()))?;
+    let cfg: InitConfig =
+        ipc::recv(sock)?.ok_or_else(|| InitError::Bad("no config received".into()))?;
+
+    if let Some(procs) = &cfg.cgroup_procs {
+        std::fs::write(procs, "0").map_err(io(|| format!("joining cgroup {}", procs.display())))?;
+    }
+    // Open every namespace first: after joining the mount namespace the
+    // agent's /proc paths are gone.
+    let mut joins = Vec::new();
+    for (ns, path) in &cfg.join_namespaces {
+        let f = File::open(path).map_err(io(|| format!("opening namespace {}", path.display())))?;
+        joins.push((*ns, f, path));
+    }
+    joins.sort_by_key(|(ns, _, _)| *ns == ipc::Ns::Mount);
+    let root = match &cfg.enter_root {
+        Some(p) => Some(File::open(p).map_err(io(|| format!("opening {}", p.display())))?),
+        None => None,
+    };
+    for (ns, f, path) in &joins {
+        setns(f.as_fd(), ns.flag())
+            .map_err(sys(|| format!("joining namespace {}", path.display())))?;
+    }
+    let mut flags = CloneFlags::empty();
+    for ns in &cfg.new_namespaces {
+        flags |= ns.flag();
+    }
+    unshare(flags).map_err(sys(|| format!("unshare({flags:?})")))?;
+    if let Some(root) = &root {
+        nix::unistd::fchdir(std::os::fd::AsRawFd::as_raw_fd(root))
+            .map_err(sys(|| "entering the container root".into()))?;
+        nix::unistd::chroot(".").map_err(sys(|| "chroot into the container root".into()))?;
+        chdir("/").map_err(sys(|| "chdir /".into()))?;
+    }
+
+    // The child may only talk on the socket once the PID went out, so that
+    // the agent always reads Pid first: it waits for a go byte on a pipe.
+    let (gate_r, gate_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys(|| "pipe2".into()))?;
+    // SAFETY: this process is single-threaded.
+    match unsafe { fork() }.map_err(sys(|| "fork".into()))? {
+        ForkResult::Parent { child } => {
+            drop(gate_r);
+            ipc::send(sock, &InitMsg::Pid(child.as_raw()))?;
+            File::from(gate_w)
+                .write_all(b"G")
+                .map_err(io(|| "releasing the child".into()))?;
+            std::process::exit(0);
+        }
+        ForkResult::Child => {
+            drop(gate_w);
+            // Without the go byte the parent died before reporting our PID:
+            // nobody would ever track us, so give up quietly.
+            let mut b = [0u8; 1];
+            if File::from(gate_r).read_exact(&mut b).is_err() {
+                std::process::exit(1);
+            }
+        }
+    }
+
+    match cfg.kind {
+        Kind::Sandbox => {
+            set_names(&cfg)?;
+            ipc::send(sock, &InitMsg::Ready)?;
+            idle_forever()
+        }
+        Kind::Container => {
+            let plan = cfg
+                .rootfs
+                .as_ref()
+                .ok_or_else(|| InitError::Bad("container without rootfs".into()))?;
+            setup_rootfs(plan)?;
+            set_names(&cfg)?;
+            for (k, v) in &cfg.sysctl {
+                let p = format!("/proc/sys/{}", k.replace('.', "/"));
+                std::fs::write(&p, v).map_err(io(|| format!("sysctl {k}")))?;
+            }
+            ipc::send(sock, &InitMsg::Ready)?;
+            let mut b = [0u8; 1];
+            match sock.read(&mut b) {
+                Ok(1) if b[0] == START_BYTE => {}
+                _ => return Err(InitError::Bad("agent went away before start".into())),
+            }
+            exec_process(&cfg)
+        }
+        Kind::Exec => exec_process(&cfg),
+    }
+}
+
+fn set_names(cfg: &InitConfig) -> Result<()> {
+    if let Some(h) = &cfg.hostname {
+        nix::unistd::sethostname(h).map_err(sys(|| format!("sethostname({h})")))?;
+    }
+    if let Some(d) = &cfg.domainname {
+        let c =
+            CString::new(d.as_str()).map_err(|_| InitError::Bad("domainname has a NUL".into()))?;
+        // SAFETY: valid pointer and length.
+        if unsafe { libc::setdomainname(c.as_ptr(), d.len()) } != 0 {
+            return Err(InitError::Sys {
+                what: "setdomainname".into(),
+                source: nix::Error::last(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The sandbox holder: keeps the namespaces alive and, as PID 1 of a
+/// shared PID namespace, reaps orphans.
+fn idle_forever() -> ! {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGCHLD);
+    let _ = set.thread_block();
+    loop {
+        let _ = set.wait();
+        while let Ok(s) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+        {
+            if s == nix::sys::wait::WaitStatus::StillAlive {
+                break;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ mounts
+
+/// Parses OCI mount options into flags, propagation flags and data.
+pub fn parse_options(opts: &[String]) -> (MsFlags, MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut prop = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in opts {
+        let (set, clear, p) = match o.as_str() {
+            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty(), MsFlags::empty()),
+            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY, MsFlags::empty()),
+            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty(), MsFlags::empty()),
+            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID, MsFlags::empty()),
+            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty(), MsFlags::empty()),
+            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV, MsFlags::empty()),
+            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty(), MsFlags::empty()),
+            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC, MsFlags::empty()),
+            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty(), MsFlags::empty()),
+            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
+            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty(), MsFlags::empty()),
+            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty(), MsFlags::empty()),
+            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty(), MsFlags::empty()),
+            "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK, MsFlags::empty()),
+            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME, MsFlags::empty()),
+            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty(), MsFlags::empty()),
+            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME, MsFlags::empty()),
+            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty(), MsFlags::empty()),
+            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty(), MsFlags::empty()),
+            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME, MsFlags::empty()),
+            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty(), MsFlags::empty()),
+            "bind" => (MsFlags::MS_BIND, MsFlags::empty(), MsFlags::empty()),
+            "rbind" => (
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                MsFlags::empty(),
+                MsFlags::empty(),
+            ),
+            "private" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_PRIVATE),
+            "rprivate" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+            ),
+            "shared" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SHARED),
+            "rshared" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_SHARED | MsFlags::MS_REC,
+            ),
+            "slave" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_SLAVE),
+            "rslave" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            ),
+            "unbindable" => (MsFlags::empty(), MsFlags::empty(), MsFlags::MS_UNBINDABLE),
+            "runbindable" => (
+                MsFlags::empty(),
+                MsFlags::empty(),
+                MsFlags::MS_UNBINDABLE | MsFlags::MS_REC,
+            ),
+            other => {
+                data.push(other.to_owned());
+                continue;
+            }
+        };
+        flags = (flags | set) & !clear;
+        prop |= p;
+    }
+    (flags, prop, data.join(","))
+}
+
+fn mkdir_p(p: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(p)
+        .map_err(io(|| format!("creating {}", p.display())))
+}
+
+fn do_mount(
+    src: Option<&str>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
+    mount(src, dst, fstype, flags, data).map_err(sys(|| {
+        format!(
+            "mount {:?} on {} (type {:?}, flags {flags:?}, data {data:?})",
+            src,
+            dst.display(),
+            fstype
+        )
+    }))
+}
+
+fn setup_rootfs(plan: &RootfsPlan) -> Result<()> {
+    let root = &plan.path;
+    // Nothing we mount may propagate back to the agent's namespace.
+    do_mount(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None,
+    )?;
+    do_mount(
+        Some(&root.to_string_lossy()),
+        root,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+
+    let mut dev_mounted = false;
+    for m in &plan.mounts {
+        mount_entry(root, m)?;
+        if m.destination() == Path::new("/dev") {
+            dev_mounted = true;
+        }
+    }
+    if dev_mounted {
+        create_default_devices(root, plan)?;
+    }
+
+    chdir(root).map_err(sys(|| format!("chdir {}", root.display())))?;
+    pivot_root(".", ".").map_err(sys(|| format!("pivot_root to {}", root.display())))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys(|| "detaching the old root".into()))?;
+    chdir("/").map_err(sys(|| "chdir /".into()))?;
+
+    for p in &plan.masked_paths {
+        mask_path(p)?;
+    }
+    for p in &plan.readonly_paths {
+        readonly_path(p)?;
+    }
+    if plan.readonly {
+        do_mount(
+            None,
+            Path::new("/"),
+            None,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+fn mount_entry(root: &Path, m: &Mount) -> Result<()> {
+    let dest_str = m.destination().to_string_lossy().into_owned();
+    let dest = resolve_in_root(root, &dest_str)?;
+    let opts: Vec<String> = m.options().clone().unwrap_or_default();
+    let (mut flags, prop, data) = parse_options(&opts);
+    let typ = m.typ().clone().unwrap_or_else(|| "bind".into());
+    let src = m
+        .source()
+        .as_ref()
+        .map(|s| s.to_string_lossy().into_owned());
+    let is_bind = typ == "bind" || flags.contains(MsFlags::MS_BIND);
+    let data_opt = (!data.is_empty()).then_some(data.as_str());
+
+    if is_bind {
+        let src =
+            src.ok_or_else(|| InitError::Bad(format!("bind mount on {dest_str} without source")))?;
+        let md = std::fs::metadata(&src).map_err(io(|| format!("bind source {src}")))?;
+        if md.is_dir() {
+            mkdir_p(&dest)?;
+        } else {
+            if let Some(parent) = dest.parent() {
+                mkdir_p(parent)?;
+            }
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o644)
+                .open(&dest)
+                .map_err(io(|| format!("creating mount point {}", dest.display())))?;
+        }
+        flags |= MsFlags::MS_BIND;
+        do_mount(
+            Some(&src),
+            &dest,
+            None,
+            flags & (MsFlags::MS_BIND | MsFlags::MS_REC),
+            None,
+        )?;
+        let extra = flags & !(MsFlags::MS_BIND | MsFlags::MS_REC | MsFlags::MS_REMOUNT);
+        if !extra.is_empty() {
+            do_mount(
+                None,
+                &dest,
+                None,
+                extra | MsFlags::MS_BIND | MsFlags::MS_REMOUNT,
+                None,
+            )?;
+        }
+    } else {
+        mkdir_p(&dest)?;
+        let fstype = if typ == "cgroup" {
+            "cgroup2".to_owned()
+        } else {
+            typ.clone()
+        };
+        let src = src.unwrap_or_else(|| fstype.clone());
+        let data_opt = if fstype == "cgroup2" { None } else { data_opt };
+        do_mount(Some(&src), &dest, Some(&fstype), flags, data_opt)?;
+    }
+    if !prop.is_empty() {
+        do_mount(None, &dest, None, prop, None)?;
+    }
+    Ok(())
+}
+
+fn create_default_devices(root: &Path, plan: &RootfsPlan) -> Result<()> {
+    let dev = root.join("dev");
+    let defaults: [(&str, u64, u64); 6] = [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ];
+    let old = nix::sys::stat::umask(Mode::empty());
+    let mut made = HashSet::new();
+    let res = (|| -> Result<()> {
+        for d in &plan.devices {
+            let rel = d.path().to_string_lossy().into_owned();
+            let path = resolve_in_root(root, &rel)?;
+            if let Some(parent) = path.parent() {
+                mkdir_p(parent)?;
+            }
+            let kind = match d.typ() {
+                oci_spec::runtime::LinuxDeviceType::B => SFlag::S_IFBLK,
+                oci_spec::runtime::LinuxDeviceType::P => SFlag::S_IFIFO,
+                _ => SFlag::S_IFCHR,
+            };
+            let mode = Mode::from_bits_truncate(d.file_mode().unwrap_or(0o666));
+            let _ = std::fs::remove_file(&path);
+            mknod(
+                &path,
+                kind,
+                mode,
+                makedev(d.major() as u64, d.minor() as u64),
+            )
+            .map_err(sys(|| format!("mknod {rel}")))?;
+            let uid = d.uid().map(Uid::from_raw);
+            let gid = d.gid().map(Gid::from_raw);
+            nix::unistd::chown(&path, uid, gid).map_err(sys(|| format!("chown {rel}")))?;
+            made.insert(rel);
+        }
+        for (name, major, minor) in defaults {
+            if made.contains(&format!("/dev/{name}")) {
+                continue;
+            }
+            let path = dev.join(name);
+            let _ = std::fs::remove_file(&path);
+            mknod(
+                &path,
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(major, minor),
+            )
+            .map_err(sys(|| format!("mknod /dev/{name}")))?;
+        }
+        Ok(())
+    })();
+    nix::sys::stat::umask(old);
+    res?;
+    let links = [
+        ("/proc/self/fd", "fd"),
+        ("/proc/self/fd/0", "stdin"),
+        ("/proc/self/fd/1", "stdout"),
+        ("/proc/self/fd/2", "stderr"),
+        ("/proc/kcore", "core"),
+    ];
+    for (target, name) in links {
+        let p = dev.join(name);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::os::unix::fs::symlink(target, &p)
+                .map_err(io(|| format!("symlink /dev/{name}")))?;
+        }
+    }
+    if dev.join("pts/ptmx").exists() {
+        let p = dev.join("ptmx");
+        let _ = std::fs::remove_file(&p);
+        std::os::unix::fs::symlink("pts/ptmx", &p).map_err(io(|| "symlink /dev/ptmx".into()))?;
+    }
+    Ok(())
+}
+
+fn mask_path(p: &str) -> Result<()> {
+    let path = resolve_in_root(Path::new("/"), p)?;
+    match std::fs::metadata(&path) {
+        Err(_) => Ok(()),
+        Ok(md) if md.is_dir() => do_mount(
+            Some("tmpfs"),
+            &path,
+            Some("tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some("size=0k"),
+        ),
+        Ok(_) => do_mount(Some("/dev/null"), &path, None, MsFlags::MS_BIND, None),
+    }
+}
+
+fn readonly_path(p: &str) -> Result<()> {
+    let path = resolve_in_root(Path::new("/"), p)?;
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Ok(());
+    }
+    do_mount(
+        Some(&path.to_string_lossy()),
+        &path,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
+    do_mount(
+        None,
+        &path,
+        None,
+        MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_REC
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV,
+        None,
+    )
+}
+
+// ------------------------------------------------------------------ process
+
+fn exec_process(cfg: &InitConfig) -> Result<()> {
+    let p = cfg
+        .process
+        .as_ref()
+        .ok_or_else(|| InitError::Bad("no process".into()))?;
+    nix::unistd::setsid().map_err(sys(|| "setsid".into()))?;
+    if p.terminal().unwrap_or(false) {
+        // SAFETY: TIOCSCTTY on our stdin (the pty slave), no pointers.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+            return Err(InitError::Sys {
+                what: "TIOCSCTTY".into(),
+                source: nix::Error::last(),
+            });
+        }
+    }
+    for r in p.rlimits().iter().flatten() {
+        let res = rlimit_resource(&r.typ())?;
+        nix::sys::resource::setrlimit(res, r.soft(), r.hard())
+            .map_err(sys(|| format!("setrlimit {:?}", r.typ())))?;
+    }
+    if let Some(adj) = p.oom_score_adj() {
+        std::fs::write("/proc/self/oom_score_adj", adj.to_string())
+            .map_err(io(|| "oom_score_adj".into()))?;
+    }
+    let nnp = p.no_new_privileges().unwrap_or(false);
+    if !nnp {
+        // Without no_new_privs the filter must go in while we still hold CAP_SYS_ADMIN.
+        install_seccomp(cfg)?;
+    }
+    set_user_and_caps(p)?;
+    if let Some(umask) = p.user().umask() {
+        nix::sys::stat::umask(Mode::from_bits_truncate(umask));
+    }
+    if nnp {
+        nix::sys::prctl::set_no_new_privs().map_err(sys(|| "PR_SET_NO_NEW_PRIVS".into()))?;
+        install_seccomp(cfg)?;
+    }
+    chdir(p.cwd()).map_err(sys(|| format!("chdir {}", p.cwd().display())))?;
+
+    let args = p.args().clone().unwrap_or_default();
+    let env: Vec<String> = p.env().clone().unwrap_or_default();
+    let prog = find_program(&args[0], &env)?;
+    let cargs: Vec<CString> = args
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| InitError::Bad("argument with NUL".into()))?;
+    let cenv: Vec<CString> = env
+        .iter()
+        .map(|a| CString::new(a.as_str()))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| InitError::Bad("environment with NUL".into()))?;
+    let cprog = CString::new(prog.as_os_str().as_encoded_bytes())
+        .map_err(|_| InitError::Bad("bad path".into()))?;
+    let e = execve(&cprog, &cargs, &cenv).unwrap_err();
+    Err(InitError::Sys {
+        what: format!("exec {}", args[0]),
+        source: e,
+    })
+}
+
+fn find_program(arg0: &str, env: &[String]) -> Result<PathBuf> {
+    if arg0.contains('/') {
+        return Ok(PathBuf::from(arg0));
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    for dir in path.split(':').filter(|d| !d.is_empty()) {
+        let cand = Path::new(dir).join(arg0);
+        if nix::unistd::access(&cand, nix::unistd::AccessFlags::X_OK).is_ok() && cand.is_file() {
+            return Ok(cand);
+        }
+    }
+    Err(InitError::Bad(format!(
+        "executable {arg0:?} not found in PATH {path:?}"
+    )))
+}
+
+fn rlimit_resource(t: &oci_spec::runtime::PosixRlimitType) -> Result<nix::sys::resource::Resource> {
+    use nix::sys::resource::Resource as R;
+    use oci_spec::runtime::PosixRlimitType as T;
+    Ok(match t {
+        T::RlimitCpu => R::RLIMIT_CPU,
+        T::RlimitFsize => R::RLIMIT_FSIZE,
+        T::RlimitData => R::RLIMIT_DATA,
+        T::RlimitStack => R::RLIMIT_STACK,
+        T::RlimitCore => R::RLIMIT_CORE,
+        T::RlimitRss => R::RLIMIT_RSS,
+        T::RlimitNproc => R::RLIMIT_NPROC,
+        T::RlimitNofile => R::RLIMIT_NOFILE,
+        T::RlimitMemlock => R::RLIMIT_MEMLOCK,
+        T::RlimitAs => R::RLIMIT_AS,
+        T::RlimitLocks => R::RLIMIT_LOCKS,
+        T::RlimitSigpending => R::RLIMIT_SIGPENDING,
+        T::RlimitMsgqueue => R::RLIMIT_MSGQUEUE,
+        T::RlimitNice => R::RLIMIT_NICE,
+        T::RlimitRtprio => R::RLIMIT_RTPRIO,
+        T::RlimitRttime => R::RLIMIT_RTTIME,
+    })
+}
+
+/// Converts an OCI capability set into the `caps` crate's.
+fn cap_set(set: &Option<oci_spec::runtime::Capabilities>) -> Result<caps::CapsHashSet> {
+    let mut out = caps::CapsHashSet::new();
+    for c in set.iter().flatten() {
+        let name = serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .ok_or_else(|| InitError::Bad(format!("capability {c:?}")))?;
+        let cap: caps::Capability = name
+            .parse()
+            .map_err(|_| InitError::Bad(format!("capability {name} unknown to this agent")))?;
+        out.insert(cap);
+    }
+    Ok(out)
+}
+
+fn set_user_and_caps(p: &Process) -> Result<()> {
+    let user = p.user();
+    let full = caps::all();
+    let wanted = p.capabilities().clone().unwrap_or_else(|| {
+        // No capabilities object: none at all.
+        let mut c = LinuxCapabilities::default();
+        c.set_bounding(Some(Default::default()));
+        c.set_effective(Some(Default::default()));
+        c.set_permitted(Some(Default::default()));
+        c.set_inheritable(Some(Default::default()));
+        c.set_ambient(Some(Default::default()));
+        c
+    });
+    let bounding = cap_set(wanted.bounding())?;
+    let effective = cap_set(wanted.effective())?;
+    let permitted = cap_set(wanted.permitted())?;
+    let inheritable = cap_set(wanted.inheritable())?;
+    let ambient = cap_set(wanted.ambient())?;
+
+    for c in full.difference(&bounding) {
+        if caps::has_cap(None, caps::CapSet::Bounding, *c).unwrap_or(false) {
+            caps::drop(None, caps::CapSet::Bounding, *c)
+                .map_err(|e| InitError::Bad(format!("dropping {c} from bounding set: {e}")))?;
+        }
+    }
+    nix::sys::prctl::set_keepcaps(true).map_err(sys(|| "PR_SET_KEEPCAPS".into()))?;
+    let gids: Vec<Gid> = user
+        .additional_gids()
+        .iter()
+        .flatten()
+        .map(|g| Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&gids).map_err(sys(|| "setgroups".into()))?;
+    nix::unistd::setresgid(
+        Gid::from_raw(user.gid()),
+        Gid::from_raw(user.gid()),
+        Gid::from_raw(user.gid()),
+    )
+    .map_err(sys(|| format!("setgid {}", user.gid())))?;
+    nix::unistd::setresuid(
+        Uid::from_raw(user.uid()),
+        Uid::from_raw(user.uid()),
+        Uid::from_raw(user.uid()),
+    )
+    .map_err(sys(|| format!("setuid {}", user.uid())))?;
+    nix::sys::prctl::set_keepcaps(false).map_err(sys(|| "PR_SET_KEEPCAPS".into()))?;
+    let err = |set: &'static str| {
+        move |e: caps::errors::CapsError| InitError::Bad(format!("setting {set} capabilities: {e}"))
+    };
+    // Effective first (it must stay a subset of permitted), then the rest.
+    caps::set(
+        None,
+        caps::CapSet::Effective,
+        &effective.intersection(&permitted).copied().collect(),
+    )
+    .map_err(err("effective"))?;
+    caps::set(None, caps::CapSet::Permitted, &permitted).map_err(err("permitted"))?;
+    caps::set(None, caps::CapSet::Inheritable, &inheritable).map_err(err("inheritable"))?;
+    caps::clear(None, caps::CapSet::Ambient).map_err(err("ambient"))?;
+    for c in &ambient {
+        caps::raise(None, caps::CapSet::Ambient, *c).map_err(err("ambient"))?;
+    }
+    Ok(())
+}
+
+fn install_seccomp(cfg: &InitConfig) -> Result<()> {
+    for prog in &cfg.seccomp {
+        let filter: Vec<seccompiler::sock_filter> = prog
+            .iter()
+            .map(|&(code, jt, jf, k)| seccompiler::sock_filter { code, jt, jf, k })
+            .collect();
+        seccompiler::apply_filter(&filter)
+            .map_err(|e| InitError::Bad(format!("installing seccomp filter: {e}")))?;
+    }
+    Ok(())
+}

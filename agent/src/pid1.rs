@@ -1,0 +1,311 @@
+//! Duties of the agent when it is PID 1 of the microVM: boot marker, a
+//! pivot-able root (initramfs → tmpfs), the basic filesystems, entropy,
+//! the console, and powering the VM off.
+
+use std::ffi::CString;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+
+/// I/O port and value of the boot marker (see the VMM's interface).
+const BOOT_MARKER_PORT: u16 = 0x3f0;
+const BOOT_MARKER_VALUE: u8 = 123;
+
+/// Errors of early boot.
+#[derive(Debug, thiserror::Error)]
+pub enum Pid1Error {
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was being done.
+        what: String,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// A file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Tells the VMM that init was reached (`outb 123, 0x3f0`).
+pub fn boot_marker() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: ioperm grants access to one port; the out instruction only
+    // touches that port. Failure (not in a VM / no privilege) is ignored.
+    unsafe {
+        if libc::ioperm(BOOT_MARKER_PORT as libc::c_ulong, 1, 1) == 0 {
+            std::arch::asm!("out dx, al", in("dx") BOOT_MARKER_PORT, in("al") BOOT_MARKER_VALUE, options(nomem, nostack, preserves_flags));
+            libc::ioperm(BOOT_MARKER_PORT as libc::c_ulong, 1, 0);
+        }
+    }
+}
+
+fn mnt(
+    src: &str,
+    dst: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), Pid1Error> {
+    std::fs::create_dir_all(dst).map_err(|source| Pid1Error::Io {
+        what: format!("mkdir {dst}"),
+        source,
+    })?;
+    match mount(Some(src), dst, Some(fstype), flags, data) {
+        Ok(()) | Err(nix::Error::EBUSY) => Ok(()),
+        Err(source) => Err(Pid1Error::Sys {
+            what: format!("mount {fstype} on {dst}"),
+            source,
+        }),
+    }
+}
+
+/// Whether `/` is the kernel's initial rootfs (pivot_root cannot leave it).
+fn root_is_initramfs() -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| {
+            s.lines().any(|l| {
+                let mut parts = l.split(" - ");
+                let pre = parts.next().unwrap_or("");
+                let post = parts.next().unwrap_or("");
+                pre.split_whitespace().nth(4) == Some("/") && post.starts_with("rootfs ")
+            })
+        })
+        .unwrap_or(false)
+}
+
+fn copy_tree(src: &Path, dst: &Path, skip: &Path) -> Result<(), Pid1Error> {
+    let io = |what: String| move |source| Pid1Error::Io { what, source };
+    for entry in std::fs::read_dir(src).map_err(io(format!("reading {}", src.display())))? {
+        let entry = entry.map_err(io(format!("reading {}", src.display())))?;
+        let from = entry.path();
+        if from == skip || from == Path::new("/proc") {
+            continue;
+        }
+        let to = dst.join(entry.file_name());
+        let md =
+            std::fs::symlink_metadata(&from).map_err(io(format!("stat {}", from.display())))?;
+        let ft = md.file_type();
+        if ft.is_dir() {
+            std::fs::create_dir_all(&to).map_err(io(format!("mkdir {}", to.display())))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(md.mode() & 0o7777))
+                .map_err(io(format!("chmod {}", to.display())))?;
+            copy_tree(&from, &to, skip)?;
+        } else if ft.is_symlink() {
+            let target =
+                std::fs::read_link(&from).map_err(io(format!("readlink {}", from.display())))?;
+            std::os::unix::fs::symlink(target, &to)
+                .map_err(io(format!("symlink {}", to.display())))?;
+        } else if ft.is_file() {
+            std::fs::copy(&from, &to).map_err(io(format!("copy {}", from.display())))?;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let kind = if ft.is_char_device() {
+                nix::sys::stat::SFlag::S_IFCHR
+            } else {
+                nix::sys::stat::SFlag::S_IFBLK
+            };
+            nix::sys::stat::mknod(
+                &to,
+                kind,
+                nix::sys::stat::Mode::from_bits_truncate(md.mode()),
+                md.rdev(),
+            )
+            .map_err(|source| Pid1Error::Sys {
+                what: format!("mknod {}", to.display()),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// If `/` is the initramfs, copies it into a tmpfs, moves that over `/`,
+/// chroots and re-executes `/init`, so that containers can `pivot_root`.
+/// Returns only when no switch was needed.
+fn switch_root_if_needed() -> Result<(), Pid1Error> {
+    if !root_is_initramfs() {
+        return Ok(());
+    }
+    log::info!("root is the initramfs: moving it to a tmpfs so containers can pivot_root");
+    let exe = std::env::current_exe().map_err(|source| Pid1Error::Io {
+        what: "locating /init".into(),
+        source,
+    })?;
+    let new = Path::new("/.moat-root");
+    mnt(
+        "tmpfs",
+        "/.moat-root",
+        "tmpfs",
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )?;
+    copy_tree(Path::new("/"), new, new)?;
+    let _ = nix::mount::umount2("/proc", nix::mount::MntFlags::MNT_DETACH);
+    nix::unistd::chdir(new).map_err(|source| Pid1Error::Sys {
+        what: "chdir new root".into(),
+        source,
+    })?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|source| {
+        Pid1Error::Sys {
+            what: "moving the new root".into(),
+            source,
+        }
+    })?;
+    nix::unistd::chroot(".").map_err(|source| Pid1Error::Sys {
+        what: "chroot".into(),
+        source,
+    })?;
+    nix::unistd::chdir("/").map_err(|source| Pid1Error::Sys {
+        what: "chdir /".into(),
+        source,
+    })?;
+    let path = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| Pid1Error::Io {
+        what: "init path".into(),
+        source: std::io::ErrorKind::InvalidInput.into(),
+    })?;
+    let args: Vec<CString> = std::env::args_os()
+        .filter_map(|a| CString::new(a.as_encoded_bytes()).ok())
+        .collect();
+    let env: Vec<CString> = std::env::vars_os()
+        .filter_map(|(k, v)| {
+            let mut s = k.into_encoded_bytes();
+            s.push(b'=');
+            s.extend(v.into_encoded_bytes());
+            CString::new(s).ok()
+        })
+        .collect();
+    let e = nix::unistd::execve(&path, &args, &env).unwrap_err();
+    Err(Pid1Error::Sys {
+        what: format!("re-executing {}", exe.display()),
+        source: e,
+    })
+}
+
+/// Feeds the kernel RNG from RDRAND when the CPU has it, so that early
+/// `getrandom` callers in containers do not stall.
+fn seed_entropy() {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if !std::arch::is_x86_feature_detected!("rdrand") {
+            log::info!("no RDRAND: kernel entropy left as is");
+            return;
+        }
+        #[repr(C)]
+        struct RandPoolInfo {
+            entropy_count: libc::c_int,
+            buf_size: libc::c_int,
+            buf: [u64; 8],
+        }
+        let mut info = RandPoolInfo {
+            entropy_count: 0,
+            buf_size: 64,
+            buf: [0; 8],
+        };
+        for w in info.buf.iter_mut() {
+            let mut v = 0u64;
+            // SAFETY: the CPU supports RDRAND (checked above).
+            if unsafe { std::arch::x86_64::_rdrand64_step(&mut v) } == 1 {
+                *w = v;
+                info.entropy_count += 64;
+            }
+        }
+        nix::ioctl_write_ptr_bad!(rndaddentropy, 0x4008_5203, RandPoolInfo);
+        match std::fs::OpenOptions::new().write(true).open("/dev/urandom") {
+            Ok(f) => {
+                use std::os::fd::AsRawFd;
+                // SAFETY: RNDADDENTROPY reads a rand_pool_info of the given size.
+                if let Err(e) = unsafe { rndaddentropy(f.as_raw_fd(), &info) } {
+                    log::warn!("RNDADDENTROPY: {e}");
+                }
+            }
+            Err(e) => log::warn!("opening /dev/urandom: {e}"),
+        }
+    }
+}
+
+fn attach_console() {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/console")
+    {
+        for fd in 0..3 {
+            // SAFETY: duplicating a valid fd onto a standard one.
+            if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                unsafe { libc::dup2(f.as_raw_fd(), fd) };
+            }
+        }
+    }
+}
+
+/// Early PID 1 setup; must run before any thread exists.
+pub fn early() -> Result<(), Pid1Error> {
+    boot_marker();
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mnt("proc", "/proc", "proc", nodev, None)?;
+    switch_root_if_needed()?;
+    mnt("proc", "/proc", "proc", nodev, None)?;
+    mnt(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    attach_console();
+    mnt("sysfs", "/sys", "sysfs", nodev, None)?;
+    mnt(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    )?;
+    mnt("tmpfs", "/dev/shm", "tmpfs", nodev, Some("mode=1777"))?;
+    mnt(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    mnt(
+        "tmpfs",
+        "/tmp",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mnt("cgroup2", "/sys/fs/cgroup", "cgroup2", nodev, None)?;
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    seed_entropy();
+    let _ = nix::unistd::sethostname("moat");
+    Ok(())
+}
+
+/// Ends the VM; never returns.
+///
+/// A microVM has no ACPI, so `RB_POWER_OFF` would only halt the CPUs and
+/// leave the VMM running. `RB_AUTOBOOT` resets through the i8042 (moat-vmm's
+/// default `reboot=k`) or a triple fault, either of which ends the VMM — as
+/// with Firecracker.
+pub fn power_off() -> ! {
+    log::info!("ending the VM (reboot through the VMM)");
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    // reboot() only returns on failure; PID 1 must not exit.
+    loop {
+        nix::unistd::pause();
+    }
+}

@@ -1,0 +1,288 @@
+//! The ttrpc `Agent` service: decodes requests, calls [`Agent`], and maps
+//! errors onto ttrpc status codes.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use moat_protocol::agent as pb;
+use moat_protocol::agent_ttrpc_async as svc;
+use moat_protocol::{protobuf, ttrpc};
+use ttrpc::r#async::TtrpcContext;
+use ttrpc::{Code, Error as TtrpcError};
+
+use crate::container::{Agent, AgentError};
+
+/// The service object.
+pub struct Service {
+    agent: Arc<Agent>,
+    /// Told when DestroySandbox asked for a power-off.
+    poweroff: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+impl Service {
+    /// Wraps the agent state.
+    pub fn new(agent: Arc<Agent>, poweroff: tokio::sync::mpsc::UnboundedSender<()>) -> Self {
+        Self { agent, poweroff }
+    }
+}
+
+fn status(e: AgentError) -> TtrpcError {
+    let code = match &e {
+        AgentError::NotFound(_) => Code::NOT_FOUND,
+        AgentError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+        AgentError::InvalidArgument(_) | AgentError::Spec(_) | AgentError::Seccomp(_) => {
+            Code::INVALID_ARGUMENT
+        }
+        AgentError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+        AgentError::Cgroup(crate::cgroup::CgroupError::Disabled(_))
+        | AgentError::Cgroup(crate::cgroup::CgroupError::NoController { .. }) => {
+            Code::FAILED_PRECONDITION
+        }
+        _ => Code::INTERNAL,
+    };
+    log::warn!("request failed: {e}");
+    TtrpcError::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+type R<T> = ttrpc::Result<T>;
+
+fn pref(p: &protobuf::MessageField<pb::ProcessRef>) -> R<pb::ProcessRef> {
+    p.as_ref().cloned().ok_or_else(|| {
+        TtrpcError::RpcStatus(ttrpc::get_status(
+            Code::INVALID_ARGUMENT,
+            "process reference missing",
+        ))
+    })
+}
+
+#[async_trait]
+impl svc::Agent for Service {
+    async fn version(&self, _: &TtrpcContext, _: pb::VersionRequest) -> R<pb::VersionResponse> {
+        let mut r = pb::VersionResponse::new();
+        r.agent_version = env!("CARGO_PKG_VERSION").into();
+        r.protocol_version = moat_protocol::PROTOCOL_VERSION;
+        Ok(r)
+    }
+
+    async fn health(&self, _: &TtrpcContext, _: pb::HealthRequest) -> R<pb::HealthResponse> {
+        let mut r = pb::HealthResponse::new();
+        r.status = pb::health_response::Status::SERVING.into();
+        Ok(r)
+    }
+
+    async fn get_guest_details(
+        &self,
+        _: &TtrpcContext,
+        _: pb::GuestDetailsRequest,
+    ) -> R<pb::GuestDetailsResponse> {
+        Ok(self.agent.guest_details())
+    }
+
+    async fn create_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: pb::CreateSandboxRequest,
+    ) -> R<pb::Empty> {
+        self.agent.create_sandbox(req).await.map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn destroy_sandbox(
+        &self,
+        _: &TtrpcContext,
+        req: pb::DestroySandboxRequest,
+    ) -> R<pb::Empty> {
+        self.agent.destroy_sandbox().await.map_err(status)?;
+        if req.power_off && self.agent.is_init() {
+            let _ = self.poweroff.send(());
+        }
+        Ok(pb::Empty::new())
+    }
+
+    async fn create_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::CreateContainerRequest,
+    ) -> R<pb::Empty> {
+        self.agent.create_container(req).await.map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn start_container(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::Empty> {
+        self.agent
+            .start_container(&req.container_id)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn remove_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::RemoveContainerRequest,
+    ) -> R<pb::Empty> {
+        self.agent
+            .remove_container(&req.container_id, req.force)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn update_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::UpdateContainerRequest,
+    ) -> R<pb::Empty> {
+        self.agent
+            .update(&req.container_id, &req.resources)
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn stats_container(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> R<pb::StatsContainerResponse> {
+        self.agent.stats(&req.container_id).map_err(status)
+    }
+
+    async fn pause_container(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::Empty> {
+        self.agent
+            .pause(&req.container_id, true)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn resume_container(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::Empty> {
+        self.agent
+            .pause(&req.container_id, false)
+            .await
+            .map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ContainerRequest,
+    ) -> R<pb::ListProcessesResponse> {
+        let mut r = pb::ListProcessesResponse::new();
+        r.pids = self
+            .agent
+            .list_processes(&req.container_id)
+            .map_err(status)?;
+        Ok(r)
+    }
+
+    async fn exec_process(&self, _: &TtrpcContext, req: pb::ExecProcessRequest) -> R<pb::Empty> {
+        self.agent.exec_process(req).await.map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn signal_process(
+        &self,
+        _: &TtrpcContext,
+        req: pb::SignalProcessRequest,
+    ) -> R<pb::Empty> {
+        let p = pref(&req.process)?;
+        self.agent.signal(&p, req.signal, req.all).map_err(status)?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _: &TtrpcContext,
+        req: pb::WaitProcessRequest,
+    ) -> R<pb::WaitProcessResponse> {
+        let p = pref(&req.process)?;
+        let e = self.agent.wait(&p).await.map_err(status)?;
+        let mut r = pb::WaitProcessResponse::new();
+        r.exit_status = e.status;
+        r.exited_at_ns = e.at_ns;
+        Ok(r)
+    }
+
+    async fn write_stdin(
+        &self,
+        _: &TtrpcContext,
+        req: pb::WriteStdinRequest,
+    ) -> R<pb::WriteStdinResponse> {
+        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
+        let stream = p.io.stdin.lock().await.clone();
+        let stream = stream.ok_or_else(|| status(crate::stdio::StdioError::Closed.into()))?;
+        let mut r = pb::WriteStdinResponse::new();
+        r.written = stream
+            .write(&req.data)
+            .await
+            .map_err(|e| status(e.into()))? as u32;
+        Ok(r)
+    }
+
+    async fn close_stdin(&self, _: &TtrpcContext, req: pb::CloseStdinRequest) -> R<pb::Empty> {
+        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
+        let taken = p.io.stdin.lock().await.take();
+        if let (Some(s), Some(_)) = (taken, p.io.tty.as_ref()) {
+            // A terminal has no half-close: send EOF (^D) to the line discipline.
+            s.write(&[4]).await.map_err(|e| status(e.into()))?;
+        }
+        Ok(pb::Empty::new())
+    }
+
+    async fn read_stdout(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ReadStreamRequest,
+    ) -> R<pb::ReadStreamResponse> {
+        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
+        let guard = p.io.stdout.lock().await;
+        let mut r = pb::ReadStreamResponse::new();
+        if let Some(s) = guard.as_ref() {
+            r.data = s
+                .read(req.max_len as usize)
+                .await
+                .map_err(|e| status(e.into()))?;
+        }
+        Ok(r)
+    }
+
+    async fn read_stderr(
+        &self,
+        _: &TtrpcContext,
+        req: pb::ReadStreamRequest,
+    ) -> R<pb::ReadStreamResponse> {
+        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
+        let guard = p.io.stderr.lock().await;
+        let mut r = pb::ReadStreamResponse::new();
+        if let Some(s) = guard.as_ref() {
+            r.data = s
+                .read(req.max_len as usize)
+                .await
+                .map_err(|e| status(e.into()))?;
+        }
+        Ok(r)
+    }
+
+    async fn tty_resize(&self, _: &TtrpcContext, req: pb::TtyResizeRequest) -> R<pb::Empty> {
+        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
+        let tty = p.io.tty.as_ref().ok_or_else(|| {
+            status(AgentError::FailedPrecondition(
+                "process has no terminal".into(),
+            ))
+        })?;
+        let rows = u16::try_from(req.rows)
+            .map_err(|_| status(AgentError::InvalidArgument("rows".into())))?;
+        let cols = u16::try_from(req.cols)
+            .map_err(|_| status(AgentError::InvalidArgument("cols".into())))?;
+        tty.resize(rows, cols).map_err(|e| status(e.into()))?;
+        Ok(pb::Empty::new())
+    }
+
+    async fn get_oom_event(&self, _: &TtrpcContext, _: pb::GetOomEventRequest) -> R<pb::OomEvent> {
+        let id = self.agent.next_oom().await.map_err(status)?;
+        let mut r = pb::OomEvent::new();
+        r.container_id = id;
+        Ok(r)
+    }
+}
