@@ -18,7 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{BlkConfig, FsShare};
 use crate::devices::lock;
-use crate::exit::ExitNotifier;
+use crate::exit::{ExitNotifier, ExitReason};
+use crate::seccomp::{SeccompPolicy, ThreadKind};
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -127,7 +128,13 @@ pub struct ApiServer {
 
 impl ApiServer {
     /// Listens on `path` (a stale socket file is replaced).
-    pub fn start(path: &Path, exit: Arc<ExitNotifier>) -> Result<Self, ApiError> {
+    /// The accept thread (and the connection threads it creates) run under the control-socket
+    /// seccomp filter when `seccomp` says so.
+    pub fn start(
+        path: &Path,
+        exit: Arc<ExitNotifier>,
+        seccomp: SeccompPolicy,
+    ) -> Result<Self, ApiError> {
         let bind_err = |err| ApiError::Bind {
             path: path.display().to_string(),
             err,
@@ -145,7 +152,13 @@ impl ApiServer {
         let accept_conns = conns.clone();
         let accept_thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || accept_loop(accept_listener, tx, accept_evt, exit, accept_conns))
+            .spawn(move || {
+                if let Err(e) = seccomp.apply(ThreadKind::Api) {
+                    exit.notify(ExitReason::VmmError(e.to_string()));
+                    return;
+                }
+                accept_loop(accept_listener, tx, accept_evt, exit, accept_conns)
+            })
             .map_err(ApiError::Setup)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -300,7 +313,7 @@ mod tests {
     fn round_trip_over_the_socket() {
         let path = std::env::temp_dir().join(format!("moat-api-{}", std::process::id()));
         let exit = Arc::new(ExitNotifier::new().unwrap());
-        let mut server = ApiServer::start(&path, exit.clone()).unwrap();
+        let mut server = ApiServer::start(&path, exit.clone(), SeccompPolicy::Enforce).unwrap();
         let client = UnixStream::connect(&path).unwrap();
         let mut reader = BufReader::new(client.try_clone().unwrap());
         let mut w = client.try_clone().unwrap();

@@ -27,6 +27,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{blk, fs, rng, vsock, IrqTrigger, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
+use crate::seccomp::SeccompPolicy;
 use crate::vmm::{ControlEvents, DeviceThread, Subscriber, Vmm};
 use crate::vstate::vcpu::{VcpuContext, VcpuControl};
 use crate::vstate::vm::{Vm, VmError};
@@ -106,6 +107,8 @@ struct Devices<'a> {
     em: &'a mut EventManager<Subscriber>,
     threads: Vec<DeviceThread>,
     count: u64,
+    seccomp: SeccompPolicy,
+    exit: Arc<ExitNotifier>,
 }
 
 impl Devices<'_> {
@@ -138,7 +141,8 @@ impl Devices<'_> {
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)?;
         match own_thread {
             Some(name) => self.threads.push(
-                DeviceThread::spawn(name, dev).map_err(|e| BuildError::Os("device thread", e))?,
+                DeviceThread::spawn(name, dev, self.seccomp, self.exit.clone())
+                    .map_err(|e| BuildError::Os("device thread", e))?,
             ),
             None => {
                 self.em.add_subscriber(dev);
@@ -264,6 +268,8 @@ pub fn build(
         em: &mut em,
         threads: Vec::new(),
         count: 0,
+        seccomp: cfg.seccomp,
+        exit: exit.clone(),
     };
     // vsock and rng only shuffle bytes: the shared event loop. fs and blk make blocking file
     // system calls (including fsync): a thread each, so they cannot stall the others.
@@ -299,16 +305,19 @@ pub fn build(
         .map_err(BuildError::Cmdline)?
         .as_bytes_with_nul()
         .len();
+    mptable::setup(&mem, cfg.vcpus)?;
+    // No ACPI tables yet (`arch::x86_64::acpi` builds them, but Linux needs more than they
+    // describe; see docs/vmm.md "Exit status"): the guest finds its CPUs in the MP table.
     let info = BootInfo {
         mem_size,
         cmdline_size,
         initrd,
+        rsdp: None,
     };
     match entry {
         BootEntry::Pvh(_) => boot::write_pvh_info(&mem, &info)?,
         BootEntry::Linux64(_) => boot::write_zero_page(&mem, kernel.setup_header, &info)?,
     }
-    mptable::setup(&mem, cfg.vcpus)?;
 
     let vcpu_fds = (0..cfg.vcpus)
         .map(|i| vm.create_vcpu(i, cfg.vcpus, &mem, entry))
@@ -323,6 +332,7 @@ pub fn build(
         mmio: Arc::new(mmio),
         exit: exit.clone(),
         control: Arc::new(VcpuControl::default()),
+        seccomp: cfg.seccomp,
     };
     Ok(Vmm {
         vcpus: None,

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::seccomp::SeccompPolicy;
+
 /// Where the guest console (COM1) goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOut {
@@ -69,6 +71,8 @@ pub struct VmConfig {
     pub defer_start: bool,
     /// Offer a virtio-rng device.
     pub rng: bool,
+    /// Seccomp filters on the VMM's threads (`--no-seccomp` turns them off).
+    pub seccomp: SeccompPolicy,
 }
 
 /// Guest CID when none is given.
@@ -117,7 +121,7 @@ pub const USAGE: &str = "\
 usage: moat-vmm --kernel PATH [--initrd PATH] [--cmdline EXTRA] [--vcpus N] [--mem-mib N]
                 [--serial stdout|file:PATH|none] [--vsock-uds PATH] [--vsock-cid N]
                 [--fs TAG=DIR]... [--blk PATH[:ro]]... [--no-rng]
-                [--api-sock PATH [--defer-start]]
+                [--api-sock PATH [--defer-start]] [--no-seccomp]
 See docs/vmm.md for the control socket protocol and exit statuses.";
 
 fn invalid(option: &str, value: &str, why: &'static str) -> ConfigError {
@@ -153,6 +157,7 @@ impl VmConfig {
             api_sock: None,
             defer_start: false,
             rng: true,
+            seccomp: SeccompPolicy::Enforce,
         };
         let mut vsock_uds = None;
         let mut cid = DEFAULT_CID;
@@ -166,6 +171,10 @@ impl VmConfig {
                 "-h" | "--help" => return Err(ConfigError::Help),
                 "--no-rng" => {
                     cfg.rng = false;
+                    continue;
+                }
+                "--no-seccomp" => {
+                    cfg.seccomp = SeccompPolicy::Off;
                     continue;
                 }
                 "--defer-start" => {
@@ -272,10 +281,15 @@ mod tests {
         let c = parse(
             "--kernel /k --initrd=/i --cmdline quiet --vcpus 2 --mem-mib 512 --serial file:/tmp/s \
              --vsock-uds /tmp/v --vsock-cid 7 --fs root=/srv --fs b=/x --blk /d:ro --blk /e \
-             --api-sock /tmp/a --defer-start --no-rng",
+             --api-sock /tmp/a --defer-start --no-rng --no-seccomp",
         )
         .unwrap();
         assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.seccomp, SeccompPolicy::Off);
+        assert_eq!(
+            parse("--kernel /k").unwrap().seccomp,
+            SeccompPolicy::Enforce
+        );
         assert_eq!(c.initrd, Some(PathBuf::from("/i")));
         assert_eq!(c.cmdline_extra.as_deref(), Some("quiet"));
         assert_eq!((c.vcpus, c.mem_mib), (2, 512));

@@ -12,6 +12,9 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum ExitReason {
     /// The guest pulsed the reset line through the i8042 (Linux `reboot` with `reboot=k`).
     GuestReset,
+    /// The guest powered off: ACPI S5 through the FADT sleep control register (`poweroff`;
+    /// produced by `devices::legacy::AcpiPm`, which is not wired yet).
+    GuestPowerOff,
     /// The guest asked KVM for a system shutdown or reset (`KVM_EXIT_SYSTEM_EVENT`).
     GuestShutdown,
     /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`): a crash, or `reboot=t`.
@@ -30,7 +33,10 @@ impl ExitReason {
     /// The process exit status (see docs/vmm.md).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => 0,
+            ExitReason::GuestReset
+            | ExitReason::GuestPowerOff
+            | ExitReason::GuestShutdown
+            | ExitReason::Stopped => 0,
             ExitReason::VmmError(_) => 1,
             ExitReason::TripleFault => 3,
             ExitReason::VcpuError(_) => 4,
@@ -42,6 +48,7 @@ impl ExitReason {
     pub fn name(&self) -> &'static str {
         match self {
             ExitReason::GuestReset => "guest-reset",
+            ExitReason::GuestPowerOff => "guest-poweroff",
             ExitReason::GuestShutdown => "guest-shutdown",
             ExitReason::TripleFault => "triple-fault",
             ExitReason::VcpuError(_) => "vcpu-error",

@@ -11,5 +11,8 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -169,7 +169,7 @@ fn run() -> i32 {
     let api = match cfg
         .api_sock
         .as_deref()
-        .map(|p| ApiServer::start(p, exit.clone()))
+        .map(|p| ApiServer::start(p, exit.clone(), cfg.seccomp))
         .transpose()
     {
         Ok(a) => a,

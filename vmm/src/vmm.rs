@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiServer, Command, Response};
 use crate::devices::legacy::MARKER_UNSET;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::seccomp::{SeccompPolicy, ThreadKind};
 use crate::vstate::vcpu::{VcpuContext, Vcpus};
 use crate::vstate::vm::Vm;
 
@@ -116,8 +117,14 @@ impl MutEventSubscriber for StopFlag {
 }
 
 impl DeviceThread {
-    /// Runs `device`'s event handling on a new thread named `name`.
-    pub fn spawn(name: String, device: Subscriber) -> std::io::Result<Self> {
+    /// Runs `device`'s event handling on a new thread named `name`, under the worker seccomp
+    /// filter when `seccomp` says so (a failure to install it ends the VM through `exit`).
+    pub fn spawn(
+        name: String,
+        device: Subscriber,
+        seccomp: SeccompPolicy,
+        exit: Arc<ExitNotifier>,
+    ) -> std::io::Result<Self> {
         let stop = EventFd::new(libc::EFD_NONBLOCK)?;
         let flag = Arc::new(Mutex::new(StopFlag {
             evt: stop.try_clone()?,
@@ -128,6 +135,10 @@ impl DeviceThread {
         em.add_subscriber(device);
         em.add_subscriber(flag.clone());
         let handle = std::thread::Builder::new().name(name).spawn(move || {
+            if let Err(e) = seccomp.apply(ThreadKind::Worker) {
+                exit.notify(ExitReason::VmmError(e.to_string()));
+                return;
+            }
             while !crate::devices::lock(&flag).stopped {
                 if let Err(e) = em.run() {
                     log::error!("device event loop: {e:?}");
@@ -191,6 +202,11 @@ impl Vmm {
         match Vcpus::start(fds, self.vcpu_ctx.clone()) {
             Ok(v) => self.vcpus = Some(v),
             Err(e) => self.exit.notify(ExitReason::VmmError(e.to_string())),
+        }
+        // The vCPU threads are started (each filtered itself before entering the guest):
+        // from here on this thread only runs the event loop and the teardown.
+        if let Err(e) = self.vcpu_ctx.seccomp.apply(ThreadKind::EventLoop) {
+            self.exit.notify(ExitReason::VmmError(e.to_string()));
         }
         while self.exit.reason().is_none() {
             if let Err(e) = self.event_manager.run() {

@@ -418,3 +418,77 @@ fn sigterm_before_start_exits_without_booting() {
     );
     assert!(!api.exists());
 }
+
+/// `Seccomp:` mode (0 off, 2 filter) of every thread of `pid`, by thread name.
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap()
+            .trim()
+            .to_string();
+        modes.push((name.trim().to_string(), mode));
+    }
+    modes.sort();
+    modes
+}
+
+/// Runs a spinning guest with 2 vCPUs, a disk (worker thread) and the control socket; returns
+/// every thread's seccomp mode once the guest runs and the event loop answered a request.
+fn thread_seccomp_modes(extra: &[&str]) -> Vec<(String, String)> {
+    let dir = Scratch::new(if extra.is_empty() {
+        "seccomp-on"
+    } else {
+        "seccomp-off"
+    });
+    let kernel = dir.kernel(SPIN);
+    let fifo = dir.path("serial");
+    let api = dir.path("api.sock");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    mkfifo(&fifo);
+    let serial = format!("file:{}", s(&fifo));
+    let mut args = vec![
+        "--kernel",
+        s(&kernel),
+        "--serial",
+        &serial,
+        "--vcpus",
+        "2",
+        "--blk",
+        s(&disk),
+        "--api-sock",
+        s(&api),
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn(&args);
+    let _serial = wait_ready(&fifo);
+    // The vCPUs filter themselves before entering the guest (which printed "ready"); the disk
+    // thread did before the vCPUs were started; the event loop did before serving requests.
+    let mut c = connect(&api);
+    assert_eq!(request(&mut c, r#"{"cmd":"status"}"#)["state"], "running");
+    let modes = seccomp_modes(child.id());
+    assert_eq!(request(&mut c, r#"{"cmd":"stop"}"#)["ok"], true);
+    assert_eq!(finish(child).status.code(), Some(0));
+    modes
+}
+
+#[test]
+fn every_thread_runs_under_seccomp_unless_disabled() {
+    if !need_kvm() {
+        return;
+    }
+    let on = thread_seccomp_modes(&[]);
+    let names: Vec<&str> = on.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in ["vcpu0", "vcpu1", "blk0", "api", "moat-vmm"] {
+        assert!(names.contains(&expected), "no thread {expected}: {on:?}");
+    }
+    assert!(on.iter().all(|(_, m)| m == "2"), "{on:?}");
+    let off = thread_seccomp_modes(&["--no-seccomp"]);
+    assert!(off.iter().all(|(_, m)| m == "0"), "{off:?}");
+}

@@ -292,11 +292,18 @@ fn expect_clean_exit(status: ExitStatus, console: &str, stderr: &str) -> Check {
 }
 
 fn boot_and_exit() -> Check {
-    let dir = Scratch::new("vmm-boot")?;
+    boot_until_guest_exit("boot", "guest-reset")
+}
+
+/// Boots with 2 vCPUs, vsock and the control socket, lets the guest run scenario `test` (which
+/// ends with a reboot), and expects exit status 0 with `reason` on stderr, the
+/// boot marker seen, and nothing left behind.
+fn boot_until_guest_exit(test: &str, reason: &str) -> Check {
+    let dir = Scratch::new(&format!("vmm-{test}"))?;
     let initrd = test_initrd(dir.path())?;
     let vsock = dir.path().join("vsock.sock");
     let api = dir.path().join("api.sock");
-    let mut cmd = moat_vmm(&initrd, "boot")?;
+    let mut cmd = moat_vmm(&initrd, test)?;
     cmd.arg("--vsock-uds")
         .arg(&vsock)
         .arg("--api-sock")
@@ -307,8 +314,8 @@ fn boot_and_exit() -> Check {
     let (status, console, stderr) = vm.finish()?;
     expect_clean_exit(status, &console, &stderr)?;
     ensure(
-        stderr.contains("boot marker: ") && stderr.contains("guest-reset"),
-        format!("no boot marker / reset in stderr:\n{stderr}"),
+        stderr.contains("boot marker: ") && stderr.contains(&format!("VM stopped: {reason}")),
+        format!("no boot marker / `{reason}` in stderr:\n{stderr}"),
     )?;
     ensure(
         line_value(&console, "cpus") == Some("2"),

@@ -15,6 +15,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::{lock, Bus};
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::seccomp::{SeccompPolicy, ThreadKind};
 
 /// Errors starting vCPU threads.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where the VM's end is reported.
     pub exit: Arc<ExitNotifier>,
+    /// Whether the vCPU threads install their seccomp filter before the first `KVM_RUN`.
+    pub seccomp: SeccompPolicy,
     /// Run-state control.
     pub control: Arc<VcpuControl>,
 }
@@ -188,6 +191,11 @@ impl Drop for Vcpus {
 fn run_loop(mut fd: VcpuFd, index: usize, ctx: VcpuContext) {
     let run_ptr: *mut kvm_run = fd.get_kvm_run();
     KVM_RUN_PTR.with(|p| p.set(run_ptr));
+    if let Err(e) = ctx.seccomp.apply(ThreadKind::Vcpu) {
+        ctx.exit
+            .notify(ExitReason::VmmError(format!("vCPU {index}: {e}")));
+        return;
+    }
     while ctx.control.may_run() {
         let outcome = match fd.run() {
             Ok(exit) => handle_exit(exit, &ctx),

@@ -22,6 +22,8 @@ pub struct BootInfo {
     pub cmdline_size: usize,
     /// Initrd guest address and size.
     pub initrd: Option<(u64, u64)>,
+    /// Guest address of the ACPI RSDP, if the VM has ACPI tables.
+    pub rsdp: Option<u64>,
 }
 
 /// Errors writing boot information.
@@ -108,6 +110,7 @@ pub fn zero_page(header: Option<setup_header>, info: &BootInfo) -> boot_params {
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
+    params.acpi_rsdp_addr = info.rsdp.unwrap_or(0);
     let map = layout::e820_map(info.mem_size);
     for (slot, e) in params.e820_table.iter_mut().zip(&map) {
         slot.addr = e.addr;
@@ -150,6 +153,7 @@ pub fn write_pvh_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), Boot
         cmdline_paddr: CMDLINE_START,
         memmap_paddr: PVH_MEMMAP_START,
         memmap_entries: memmap.len() as u32,
+        rsdp_paddr: info.rsdp.unwrap_or(0),
         ..Default::default()
     };
     let mut params = BootParams::new(&start, GuestAddress(PVH_INFO_START));
@@ -188,6 +192,7 @@ mod tests {
             mem_size: 128 << 20,
             cmdline_size: 42,
             initrd: Some((0x700_0000, 0x1234)),
+            rsdp: Some(0xe_0000),
         };
         write_zero_page(&m, None, &info).unwrap();
         let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
@@ -197,6 +202,7 @@ mod tests {
         assert_eq!({ p.hdr.cmdline_size }, 42);
         assert_eq!({ p.hdr.ramdisk_image }, 0x700_0000);
         assert_eq!({ p.hdr.ramdisk_size }, 0x1234);
+        assert_eq!({ p.acpi_rsdp_addr }, 0xe_0000);
         assert_eq!(p.e820_entries, 3);
         let last = p.e820_table[2];
         assert_eq!(
@@ -218,11 +224,13 @@ mod tests {
                 mem_size: 64 << 20,
                 cmdline_size: 1,
                 initrd: None,
+                rsdp: None,
             },
         );
         assert_eq!({ p.hdr.version }, 0x20f);
         assert_eq!({ p.hdr.kernel_alignment }, 0x20_0000);
         assert_eq!({ p.hdr.ramdisk_image }, 0);
+        assert_eq!({ p.acpi_rsdp_addr }, 0);
     }
 
     #[test]
@@ -232,6 +240,7 @@ mod tests {
             mem_size: 256 << 20,
             cmdline_size: 10,
             initrd: Some((0xf00_0000, 4096)),
+            rsdp: Some(0xe_0000),
         };
         write_pvh_info(&m, &info).unwrap();
         let s: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
@@ -239,6 +248,7 @@ mod tests {
         assert_eq!(s.memmap_entries, 3);
         assert_eq!(s.nr_modules, 1);
         assert_eq!(s.cmdline_paddr, CMDLINE_START);
+        assert_eq!(s.rsdp_paddr, 0xe_0000);
         let e: hvm_memmap_table_entry =
             m.read_obj(GuestAddress(PVH_MEMMAP_START + 2 * 24)).unwrap();
         assert_eq!(
