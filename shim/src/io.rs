@@ -139,7 +139,10 @@ async fn relay_stdin(agent: AgentClient, process: ProcessRef, fifo: PathBuf, clo
     open.read(true);
     let file = tokio::select! {
         f = open.open(&fifo) => f,
-        _ = close.notified() => return close_stdin(&agent, &process).await,
+        _ = close.notified() => {
+            release_pending_open(&fifo);
+            return close_stdin(&agent, &process).await;
+        }
     };
     let mut file = match file {
         Ok(f) => f,
@@ -183,6 +186,16 @@ async fn relay_stdin(agent: AgentClient, process: ProcessRef, fifo: PathBuf, clo
         }
     }
     close_stdin(&agent, &process).await;
+}
+
+/// A reader blocked in open(2) on a FIFO waits for a writer; connecting one (non-blocking, and
+/// closed at once) lets that open return, so no thread stays stuck on an abandoned FIFO.
+fn release_pending_open(fifo: &std::path::Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(fifo);
 }
 
 async fn close_stdin(agent: &AgentClient, process: &ProcessRef) {

@@ -55,19 +55,18 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
-    #[error("sandbox {id}: moat-vmm exited ({status}) before the agent answered; see {log} and {console}")]
+    #[error("sandbox {id}: moat-vmm exited ({status}) before the agent answered; its last output:\n{tail}")]
     VmmDied {
         id: String,
         status: String,
-        log: PathBuf,
-        console: PathBuf,
+        tail: String,
     },
-    #[error("sandbox {id}: the guest agent did not answer: {source}; see {console}")]
+    #[error("sandbox {id}: the guest agent did not answer: {source}; the guest console ended with:\n{tail}")]
     AgentUnreachable {
         id: String,
-        console: PathBuf,
         #[source]
         source: ConnectError,
+        tail: String,
     },
     #[error("sandbox {id}: agent call {call} failed: {source}")]
     Agent {
@@ -203,11 +202,16 @@ impl Sandbox {
                 Ok(agent) => agent,
                 Err(source) => {
                     let _ = kill(Pid::from_raw(vmm_pid as i32), Signal::SIGKILL);
-                    return Err(SandboxError::AgentUnreachable { id, console, source });
+                    wait_exit(vmm_exit.clone()).await;
+                    let tail = tail_of(&console);
+                    cleanup_state(&dir);
+                    return Err(SandboxError::AgentUnreachable { id, source, tail });
                 }
             },
             status = wait_exit(vmm_exit.clone()) => {
-                return Err(SandboxError::VmmDied { id, status, log: log_path, console });
+                let tail = format!("{}{}", tail_of(&log_path), tail_of(&console));
+                cleanup_state(&dir);
+                return Err(SandboxError::VmmDied { id, status, tail });
             }
         };
 
@@ -319,6 +323,20 @@ impl Sandbox {
         }
         cleanup_state(&self.dir);
     }
+}
+
+/// The last lines of a log file, for error messages (the file goes with the state directory).
+fn tail_of(path: &Path) -> String {
+    const LINES: usize = 25;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = String::new();
+    for l in &lines[lines.len().saturating_sub(LINES)..] {
+        out.push_str("  | ");
+        out.push_str(l);
+        out.push('\n');
+    }
+    out
 }
 
 /// Waits for moat-vmm's exit and returns how it ended.

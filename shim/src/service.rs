@@ -22,10 +22,14 @@ use crate::task::TaskService;
 /// Exit status reported for a task whose shim died (as runc's shim does: killed).
 const DEAD_SHIM_STATUS: u32 = 128 + 9;
 const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
+/// How long the library's graceful server shutdown may take once the shim is done.
+const GRACEFUL_EXIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct Service {
     namespace: String,
     id: String,
+    /// The shim's own ttrpc socket (`unix:///run/containerd/s/…`), removed on exit.
+    socket: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -56,6 +60,7 @@ impl Shim for Service {
         Service {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            socket: args.socket.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -89,6 +94,19 @@ impl Shim for Service {
 
     async fn wait(&mut self) {
         self.exit.wait().await;
+        // The library only removes the socket named in the bundle's `address` file, which
+        // containerd has deleted by now: remove it here (open connections stay usable).
+        let socket = self.socket.trim_start_matches("unix://");
+        if !socket.is_empty() {
+            let _ = std::fs::remove_file(socket);
+        }
+        // The library now shuts its ttrpc server down gracefully, which waits for every
+        // connection to end; a peer that went away mid-call can hold that forever. Everything the
+        // shim owns is torn down by now, so the graceful part gets a deadline.
+        std::thread::spawn(|| {
+            std::thread::sleep(GRACEFUL_EXIT_LIMIT);
+            std::process::exit(0);
+        });
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {

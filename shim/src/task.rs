@@ -138,7 +138,7 @@ pub struct TaskService {
     namespace: String,
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
-    sandbox: tokio::sync::Mutex<Option<Arc<Sandbox>>>,
+    sandbox: Arc<tokio::sync::Mutex<Option<Arc<Sandbox>>>>,
     containers: Mutex<HashMap<String, Container>>,
 }
 
@@ -148,7 +148,7 @@ impl TaskService {
             namespace: namespace.to_owned(),
             publisher: Arc::new(publisher),
             exit,
-            sandbox: tokio::sync::Mutex::new(None),
+            sandbox: Arc::new(tokio::sync::Mutex::new(None)),
             containers: Mutex::new(HashMap::new()),
         }
     }
@@ -234,6 +234,8 @@ impl TaskService {
                     proc_.exec_id
                 );
             }
+            // Nothing reads stdin any more: end its relay (also one still waiting for a writer).
+            proc_.close_stdin.notify_one();
             let exit = Exit::now(code);
             proc_.exit.send_replace(Some(exit));
             info!("{id}/{} exited with {code}", proc_.exec_id);
@@ -931,9 +933,19 @@ impl Task for TaskService {
         if !self.containers().is_empty() {
             return Ok(api::Empty::new());
         }
-        self.stop_sandbox_if_unused().await;
-        info!("last task gone: shim exits");
-        self.exit.signal();
+        // containerd bounds this call with a short deadline (and takes a late answer for a dead
+        // shim); stopping a guest can take longer. So the teardown runs as its own task and the
+        // shim exits when it is done.
+        let slot = self.sandbox.clone();
+        let exit = self.exit.clone();
+        tokio::spawn(async move {
+            let sandbox = slot.lock().await.take();
+            if let Some(s) = sandbox {
+                s.stop().await;
+            }
+            info!("last task gone: shim exits");
+            exit.signal();
+        });
         Ok(api::Empty::new())
     }
 

@@ -161,9 +161,17 @@ impl Containerd {
     }
 }
 
-/// Stops the shared containerd if it was started.
+/// Stops the shared containerd if it was started; with `MOAT_E2E_KEEP=1` it is left running and
+/// its directory (logs, pod state) is kept for a look.
 pub fn shutdown() {
     if let Some(Ok(c)) = SHARED.get() {
+        if std::env::var_os("MOAT_E2E_KEEP").is_some() {
+            eprintln!(
+                "e2e: containerd kept running, its files in {}",
+                c.dir.display()
+            );
+            return;
+        }
         c.stop();
     }
 }

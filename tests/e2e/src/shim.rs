@@ -229,6 +229,7 @@ fn task_lifecycle() -> Check {
 
 fn nothing_left() -> Check {
     let c = Containerd::shared()?;
+    // A task that exits by itself (`ctr task start` waits for it and deletes it) ...
     let id = "e2e-clean";
     check(
         &c.run_ctr(&[
@@ -243,9 +244,30 @@ fn nothing_left() -> Check {
         "ctr c create",
     )?;
     check(&c.run_ctr(&["task", "start", id])?, "ctr task start")?;
-    check(&c.run_ctr(&["task", "rm", id])?, "ctr task rm")?;
     check(&c.run_ctr(&["container", "rm", id])?, "ctr c rm")?;
+    ensure_nothing_left(c, id)?;
+    // ... and a running one removed by force.
+    let id = "e2e-clean-force";
+    check(
+        &c.run_ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+            "sleep",
+            "100000",
+        ])?,
+        "ctr run -d",
+    )?;
+    check(&c.run_ctr(&["task", "rm", "-f", id])?, "ctr task rm -f")?;
+    check(&c.run_ctr(&["container", "rm", id])?, "ctr c rm")?;
+    ensure_nothing_left(c, id)
+}
 
+/// No state directory, mount, moat-vmm or shim of the pod `id` is left.
+fn ensure_nothing_left(c: &Containerd, id: &str) -> Check {
     let state = c.moat_state.join("default").join(id);
     ensure(
         !state.exists(),
@@ -259,7 +281,8 @@ fn nothing_left() -> Check {
         "mounts left below the pod's state directory",
     )?;
     // The shim exits right after answering containerd's Shutdown; give it a bounded moment.
-    let pattern = format!("containerd-shim-moat-v2.*-id {id}( |$)");
+    // `[c]` keeps the pattern from matching the shell running this loop.
+    let pattern = format!("[c]ontainerd-shim-moat-v2.*-id {id}( |$)");
     let gone = moat_e2e::run_bounded(
         Command::new("sh").arg("-c").arg(format!(
             "while pgrep -f '{pattern}' >/dev/null; do sleep 0.1; done"
@@ -267,6 +290,22 @@ fn nothing_left() -> Check {
         30,
     );
     ensure(gone.is_ok(), format!("the shim of {id} did not exit"))?;
+    // The shim's socket goes with it: /run/containerd/s/<sha256 of "<address>/<ns>/<pod>">.
+    let key = format!("{}/default/{id}", c.socket.display());
+    let hash = Command::new("sh")
+        .arg("-c")
+        .arg("printf %s \"$1\" | sha256sum")
+        .arg("sh")
+        .arg(&key)
+        .output()
+        .context("sha256sum")?;
+    let hash = String::from_utf8_lossy(&hash.stdout);
+    let socket = std::path::Path::new("/run/containerd/s")
+        .join(hash.split_whitespace().next().unwrap_or("?"));
+    ensure(
+        !socket.exists(),
+        format!("shim socket {} left behind", socket.display()),
+    )?;
     let procs = Command::new("pgrep")
         .args(["-af", "moat-vmm|containerd-shim-moat-v2"])
         .output()
