@@ -228,7 +228,8 @@ impl Cgroup {
     /// Applies OCI resources.
     pub fn apply(&self, r: &LinuxResources) -> Result<(), CgroupError> {
         if let Some(m) = r.memory() {
-            if let Some(limit) = m.limit() {
+            // 0 means "not set" (as in runc), not "no memory at all".
+            if let Some(limit) = m.limit().filter(|l| *l != 0) {
                 self.need("memory", "memory.limit")?;
                 self.write(
                     "memory.max",

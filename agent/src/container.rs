@@ -313,6 +313,21 @@ impl Agent {
                 }
             },
         };
+        Self::with_cgroups(reaper, is_init, state_dir, cgroups)
+    }
+
+    /// Agent state that never touches cgroups (for the fuzz harness, which
+    /// only exercises request validation and must leave the host alone).
+    pub fn without_cgroups(reaper: Reaper, state_dir: PathBuf) -> Self {
+        Self::with_cgroups(reaper, false, state_dir, None)
+    }
+
+    fn with_cgroups(
+        reaper: Reaper,
+        is_init: bool,
+        state_dir: PathBuf,
+        cgroups: Option<cgroup::Manager>,
+    ) -> Self {
         let (oom_tx, oom_rx) = mpsc::unbounded_channel();
         Self {
             reaper,
@@ -608,6 +623,12 @@ impl Agent {
         match src {
             Source::HostPath(h) => {
                 let p = PathBuf::from(&h.path);
+                if p.components().any(|c| c == std::path::Component::ParentDir) {
+                    return Err(AgentError::InvalidArgument(format!(
+                        "rootfs host path {:?} must not contain \"..\"",
+                        h.path
+                    )));
+                }
                 if !p.is_absolute() || !p.is_dir() {
                     return Err(AgentError::InvalidArgument(format!(
                         "rootfs host path {:?} is not an existing absolute directory",
@@ -1071,6 +1092,7 @@ impl Agent {
     pub fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
         let r: LinuxResources = serde_json::from_slice(resources)
             .map_err(|e| AgentError::InvalidArgument(format!("resources JSON: {e}")))?;
+        spec::validate_resources("resources", &r)?;
         let c = self.container(id)?;
         let cg = c.cgroup.as_ref().ok_or(CgroupError::Disabled("update"))?;
         cg.apply(&r)?;

@@ -133,6 +133,9 @@ fn run(sock: &mut UnixStream) -> Result<()> {
         flags |= ns.flag();
     }
     unshare(flags).map_err(sys(|| format!("unshare({flags:?})")))?;
+    if flags.contains(CloneFlags::CLONE_NEWNET) {
+        crate::net::loopback_up().map_err(|e| InitError::Bad(e.to_string()))?;
+    }
     if let Some(root) = &root {
         nix::unistd::fchdir(std::os::fd::AsRawFd::as_raw_fd(root))
             .map_err(sys(|| "entering the container root".into()))?;

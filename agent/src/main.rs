@@ -16,18 +16,7 @@
 //! in a freshly exec'd single-threaded helper (`moat-agent __init`), never
 //! in the threaded agent. Seccomp uses the pure-Rust `seccompiler`.
 
-mod cgroup;
-mod container;
-mod init;
-mod ipc;
-mod logger;
-mod pid1;
-mod reaper;
-mod seccomp;
-mod server;
-mod spawn;
-mod spec;
-mod stdio;
+use moat_agent::{container, init, logger, pid1, reaper, server};
 
 use std::path::PathBuf;
 use std::sync::Arc;

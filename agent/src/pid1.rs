@@ -290,6 +290,9 @@ pub fn early() -> Result<(), Pid1Error> {
         let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
     }
     seed_entropy();
+    if let Err(e) = crate::net::loopback_up() {
+        log::warn!("{e}: localhost will not work in the guest's root network namespace");
+    }
     let _ = nix::unistd::sethostname("moat");
     Ok(())
 }

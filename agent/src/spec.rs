@@ -6,7 +6,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
+use oci_spec::runtime::{LinuxNamespaceType, LinuxResources, Process, Spec};
 
 /// Symlinks followed at most while resolving one path.
 const MAX_SYMLINKS: u32 = 40;
@@ -161,6 +161,9 @@ pub fn validate_spec(spec: &Spec) -> Result<(), SpecError> {
                 _ => {}
             }
         }
+        if let Some(r) = linux.resources() {
+            validate_resources("linux.resources", r)?;
+        }
         for (i, p) in linux.masked_paths().iter().flatten().enumerate() {
             check_abs_path(&format!("linux.maskedPaths[{i}]"), p)?;
         }
@@ -190,6 +193,57 @@ pub fn validate_spec(spec: &Spec) -> Result<(), SpecError> {
                 format!("{h:?} is not a valid hostname"),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Smallest memory limit accepted (the kernel needs a few pages to even
+/// start a process; runc refuses below 6 MiB for the same reason).
+pub const MIN_MEMORY_LIMIT: i64 = 6 << 20;
+
+/// Validates OCI resources (at create and in UpdateContainer): `-1` means
+/// unlimited (and a memory limit of 0 "not set"); other negative values and
+/// memory limits too small to run anything are refused instead of being
+/// silently turned into "max" or an instant OOM.
+pub fn validate_resources(field: &str, r: &LinuxResources) -> Result<(), SpecError> {
+    let neg = |name: &str, v: i64| {
+        if v < -1 {
+            Err(invalid(
+                format!("{field}.{name}"),
+                format!("{v} is negative (only -1, unlimited, is allowed)"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    if let Some(m) = r.memory() {
+        if let Some(l) = m.limit() {
+            neg("memory.limit", l)?;
+            // 0 means "not set", as in runc.
+            if (1..MIN_MEMORY_LIMIT).contains(&l) {
+                return Err(invalid(
+                    format!("{field}.memory.limit"),
+                    format!("{l} bytes is below the minimum of {MIN_MEMORY_LIMIT}"),
+                ));
+            }
+        }
+        if let Some(v) = m.reservation() {
+            neg("memory.reservation", v)?;
+        }
+        if let Some(v) = m.swap() {
+            neg("memory.swap", v)?;
+        }
+    }
+    if let Some(c) = r.cpu() {
+        if let Some(q) = c.quota() {
+            neg("cpu.quota", q)?;
+        }
+        if c.period() == Some(0) {
+            return Err(invalid(format!("{field}.cpu.period"), "must not be 0"));
+        }
+    }
+    if let Some(p) = r.pids() {
+        neg("pids.limit", p.limit())?;
     }
     Ok(())
 }
@@ -359,7 +413,26 @@ mod tests {
             ),
             (r#","linux":{"maskedPaths":["/proc/../etc"]}"#, "\"..\""),
             (r#","linux":{"sysctl":{"../x":"1"}}"#, "bad key"),
+            (
+                r#","linux":{"resources":{"memory":{"limit":-2}}}"#,
+                "linux.resources.memory.limit",
+            ),
+            (
+                r#","linux":{"resources":{"memory":{"limit":4096}}}"#,
+                "below the minimum",
+            ),
+            (
+                r#","linux":{"resources":{"cpu":{"period":0}}}"#,
+                "must not be 0",
+            ),
         ];
+        for ok in [
+            r#","linux":{"resources":{"memory":{"limit":-1}}}"#,
+            r#","linux":{"resources":{"memory":{"limit":0},"pids":{"limit":0}}}"#,
+            r#","linux":{"resources":{"memory":{"limit":67108864}}}"#,
+        ] {
+            parse_spec(&spec_json(ok)).unwrap();
+        }
         for (extra, want) in bad {
             let e = parse_spec(&spec_json(extra)).unwrap_err().to_string();
             assert!(e.contains(want), "{extra}: {e}");
