@@ -378,6 +378,46 @@ impl TaskService {
         Ok(())
     }
 
+    /// Freezes (`paused`) or thaws a container's cgroup in the guest and tells containerd.
+    async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<api::Empty> {
+        self.process(id, "")?;
+        let sandbox = self.running_sandbox().await?;
+        let r = container_req(id);
+        let ctx = agent_ctx::Context::default();
+        let (res, call) = if paused {
+            (
+                sandbox.agent.pause_container(ctx, &r).await,
+                "PauseContainer",
+            )
+        } else {
+            (
+                sandbox.agent.resume_container(ctx, &r).await,
+                "ResumeContainer",
+            )
+        };
+        res.map_err(|e| agent_error(call, id, e))?;
+        if let Some(c) = self.containers().get_mut(id) {
+            c.paused = paused;
+        }
+        let container_id = id.to_owned();
+        if paused {
+            let event = ev::TaskPaused {
+                container_id,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event))
+                .await;
+        } else {
+            let event = ev::TaskResumed {
+                container_id,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event))
+                .await;
+        }
+        Ok(api::Empty::new())
+    }
+
     /// Stops the VM if no container is left (after a failed create or the last delete).
     async fn stop_sandbox_if_unused(&self) {
         if !self.containers().is_empty() {
@@ -435,6 +475,23 @@ fn read_spec(bundle: &str) -> TtrpcResult<Value> {
             format!("{}: {e}", path.display()),
         )
     })
+}
+
+/// The agent's name for a process.
+fn process_ref(id: &str, exec_id: &str) -> MessageField<pb::ProcessRef> {
+    MessageField::some(pb::ProcessRef {
+        container_id: id.to_owned(),
+        exec_id: exec_id.to_owned(),
+        ..Default::default()
+    })
+}
+
+/// The agent's name for a container.
+fn container_req(id: &str) -> pb::ContainerRequest {
+    pb::ContainerRequest {
+        container_id: id.to_owned(),
+        ..Default::default()
+    }
 }
 
 fn proc_status(p: &Process, paused: bool) -> api::Status {
@@ -525,10 +582,7 @@ impl Task for TaskService {
         }
         let sandbox = self.running_sandbox().await?;
         if req.exec_id.is_empty() {
-            let r = pb::ContainerRequest {
-                container_id: req.id.clone(),
-                ..Default::default()
-            };
+            let r = container_req(&req.id);
             sandbox
                 .agent
                 .start_container(agent_ctx::Context::default(), &r)
@@ -647,10 +701,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::PidsResponse> {
         self.process(&req.id, "")?;
         let sandbox = self.running_sandbox().await?;
-        let r = pb::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
+        let r = container_req(&req.id);
         let resp = sandbox
             .agent
             .list_processes(agent_ctx::Context::default(), &r)
@@ -671,27 +722,7 @@ impl Task for TaskService {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.process(&req.id, "")?;
-        let sandbox = self.running_sandbox().await?;
-        let r = pb::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        sandbox
-            .agent
-            .pause_container(agent_ctx::Context::default(), &r)
-            .await
-            .map_err(|e| agent_error("PauseContainer", &req.id, e))?;
-        if let Some(c) = self.containers().get_mut(&req.id) {
-            c.paused = true;
-        }
-        let event = ev::TaskPaused {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(event))
-            .await;
-        Ok(api::Empty::new())
+        self.set_paused(&req.id, true).await
     }
 
     async fn resume(
@@ -699,27 +730,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.process(&req.id, "")?;
-        let sandbox = self.running_sandbox().await?;
-        let r = pb::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        sandbox
-            .agent
-            .resume_container(agent_ctx::Context::default(), &r)
-            .await
-            .map_err(|e| agent_error("ResumeContainer", &req.id, e))?;
-        if let Some(c) = self.containers().get_mut(&req.id) {
-            c.paused = false;
-        }
-        let event = ev::TaskResumed {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
-        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(event))
-            .await;
-        Ok(api::Empty::new())
+        self.set_paused(&req.id, false).await
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
@@ -732,12 +743,7 @@ impl Task for TaskService {
         }
         let sandbox = self.running_sandbox().await?;
         let r = pb::SignalProcessRequest {
-            process: Some(pb::ProcessRef {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            })
-            .into(),
+            process: process_ref(&req.id, &req.exec_id),
             signal: req.signal,
             all: req.all,
             ..Default::default()
@@ -806,12 +812,7 @@ impl Task for TaskService {
         self.process(&req.id, &req.exec_id)?;
         let sandbox = self.running_sandbox().await?;
         let r = pb::TtyResizeRequest {
-            process: Some(pb::ProcessRef {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                ..Default::default()
-            })
-            .into(),
+            process: process_ref(&req.id, &req.exec_id),
             rows: req.height,
             cols: req.width,
             ..Default::default()
@@ -887,10 +888,7 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::StatsResponse> {
         self.process(&req.id, "")?;
         let sandbox = self.running_sandbox().await?;
-        let r = pb::ContainerRequest {
-            container_id: req.id.clone(),
-            ..Default::default()
-        };
+        let r = container_req(&req.id);
         let s = sandbox
             .agent
             .stats_container(agent_ctx::Context::default(), &r)
