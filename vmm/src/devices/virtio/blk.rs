@@ -271,12 +271,7 @@ impl VirtioDevice for Block {
         &self.evts
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.expect_queues(1)?;
         self.active = Some(ctx);
         Ok(())
     }

@@ -138,12 +138,7 @@ impl VirtioDevice for Fs {
         &self.evts
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != NUM_QUEUES {
-            return Err(ActivateError::QueueCount {
-                expected: NUM_QUEUES,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.expect_queues(NUM_QUEUES)?;
         self.active = Some(ctx);
         Ok(())
     }

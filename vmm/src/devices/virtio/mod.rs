@@ -104,6 +104,20 @@ pub struct ActivateContext {
     pub irq: std::sync::Arc<IrqTrigger>,
 }
 
+impl ActivateContext {
+    /// Fails activation unless the driver set up exactly `expected` queues.
+    pub fn expect_queues(&self, expected: usize) -> Result<(), ActivateError> {
+        if self.queues.len() == expected {
+            Ok(())
+        } else {
+            Err(ActivateError::QueueCount {
+                expected,
+                got: self.queues.len(),
+            })
+        }
+    }
+}
+
 /// The device side of a virtio device, as seen by the transport.
 pub trait VirtioDevice: Send {
     /// Virtio device type id.

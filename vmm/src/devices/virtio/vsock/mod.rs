@@ -156,12 +156,7 @@ impl VirtioDevice for Vsock {
         &self.evts
     }
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 3 {
-            return Err(ActivateError::QueueCount {
-                expected: 3,
-                got: ctx.queues.len(),
-            });
-        }
+        ctx.expect_queues(3)?;
         self.active = Some(ctx);
         // Host connections may already be waiting; the guest kicks RX once it posts buffers.
         Ok(())
