@@ -11,6 +11,7 @@ use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
 use crate::container::{Agent, AgentError};
+use crate::stdio::{ProcessIo, Stream};
 
 /// The service object.
 pub struct Service {
@@ -23,6 +24,26 @@ impl Service {
     /// Wraps the agent state.
     pub fn new(agent: Arc<Agent>, poweroff: tokio::sync::mpsc::UnboundedSender<()>) -> Self {
         Self { agent, poweroff }
+    }
+}
+
+impl Service {
+    /// One read of a process's stdout or stderr (`pick`); empty data means end of stream.
+    async fn read_stream(
+        &self,
+        req: &pb::ReadStreamRequest,
+        pick: impl FnOnce(&ProcessIo) -> &tokio::sync::Mutex<Option<Arc<Stream>>>,
+    ) -> R<pb::ReadStreamResponse> {
+        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
+        let guard = pick(&p.io).lock().await;
+        let mut r = pb::ReadStreamResponse::new();
+        if let Some(s) = guard.as_ref() {
+            r.data = s
+                .read(req.max_len as usize)
+                .await
+                .map_err(|e| status(e.into()))?;
+        }
+        Ok(r)
     }
 }
 
@@ -235,16 +256,7 @@ impl svc::Agent for Service {
         _: &TtrpcContext,
         req: pb::ReadStreamRequest,
     ) -> R<pb::ReadStreamResponse> {
-        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
-        let guard = p.io.stdout.lock().await;
-        let mut r = pb::ReadStreamResponse::new();
-        if let Some(s) = guard.as_ref() {
-            r.data = s
-                .read(req.max_len as usize)
-                .await
-                .map_err(|e| status(e.into()))?;
-        }
-        Ok(r)
+        self.read_stream(&req, |io| &io.stdout).await
     }
 
     async fn read_stderr(
@@ -252,16 +264,7 @@ impl svc::Agent for Service {
         _: &TtrpcContext,
         req: pb::ReadStreamRequest,
     ) -> R<pb::ReadStreamResponse> {
-        let p = self.agent.process(&pref(&req.process)?).map_err(status)?;
-        let guard = p.io.stderr.lock().await;
-        let mut r = pb::ReadStreamResponse::new();
-        if let Some(s) = guard.as_ref() {
-            r.data = s
-                .read(req.max_len as usize)
-                .await
-                .map_err(|e| status(e.into()))?;
-        }
-        Ok(r)
+        self.read_stream(&req, |io| &io.stderr).await
     }
 
     async fn tty_resize(&self, _: &TtrpcContext, req: pb::TtyResizeRequest) -> R<pb::Empty> {
