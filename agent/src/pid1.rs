@@ -134,7 +134,7 @@ fn switch_root_if_needed() -> Result<(), Pid1Error> {
     if !root_is_initramfs() {
         return Ok(());
     }
-    log::info!("root is the initramfs: moving it to a tmpfs so containers can pivot_root");
+    tracing::info!("root is the initramfs: moving it to a tmpfs so containers can pivot_root");
     let exe = std::env::current_exe().map_err(|source| Pid1Error::Io {
         what: "locating /init".into(),
         source,
@@ -195,7 +195,7 @@ fn seed_entropy() {
     #[cfg(target_arch = "x86_64")]
     {
         if !std::arch::is_x86_feature_detected!("rdrand") {
-            log::info!("no RDRAND: kernel entropy left as is");
+            tracing::info!("no RDRAND: kernel entropy left as is");
             return;
         }
         #[repr(C)]
@@ -223,10 +223,10 @@ fn seed_entropy() {
                 use std::os::fd::AsRawFd;
                 // SAFETY: RNDADDENTROPY reads a rand_pool_info of the given size.
                 if let Err(e) = unsafe { rndaddentropy(f.as_raw_fd(), &info) } {
-                    log::warn!("RNDADDENTROPY: {e}");
+                    tracing::warn!("RNDADDENTROPY: {e}");
                 }
             }
-            Err(e) => log::warn!("opening /dev/urandom: {e}"),
+            Err(e) => tracing::warn!("opening /dev/urandom: {e}"),
         }
     }
 }
@@ -291,7 +291,7 @@ pub fn early() -> Result<(), Pid1Error> {
     }
     seed_entropy();
     if let Err(e) = crate::net::loopback_up() {
-        log::warn!("{e}: localhost will not work in the guest's root network namespace");
+        tracing::warn!("{e}: localhost will not work in the guest's root network namespace");
     }
     let _ = nix::unistd::sethostname("moat");
     Ok(())
@@ -299,16 +299,34 @@ pub fn early() -> Result<(), Pid1Error> {
 
 /// Ends the VM; never returns.
 ///
-/// A microVM has no ACPI, so `RB_POWER_OFF` would only halt the CPUs and
-/// leave the VMM running. `RB_AUTOBOOT` resets through the i8042 (moat-vmm's
-/// default `reboot=k`) or a triple fault, either of which ends the VMM — as
-/// with Firecracker.
+/// With ACPI power-off available (the kernel has ACPI and the firmware tables announce the S5
+/// sleep state; moat-vmm's do), `RB_POWER_OFF` enters S5 and the VMM exits with
+/// `guest-poweroff`. Otherwise `RB_POWER_OFF` would only halt the CPUs and leave the VMM
+/// running, so the agent falls back to `RB_AUTOBOOT`, which resets through the i8042
+/// (moat-vmm's default `reboot=k`) or a triple fault, either of which ends the VMM (as with
+/// Firecracker) with `guest-reset`.
 pub fn power_off() -> ! {
-    log::info!("ending the VM (reboot through the VMM)");
     nix::unistd::sync();
-    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+    let mode = if acpi_power_off_available() {
+        tracing::info!("powering the VM off (ACPI S5)");
+        nix::sys::reboot::RebootMode::RB_POWER_OFF
+    } else {
+        tracing::info!("ending the VM (reboot through the VMM; no ACPI power-off)");
+        nix::sys::reboot::RebootMode::RB_AUTOBOOT
+    };
+    let _ = nix::sys::reboot::reboot(mode);
     // reboot() only returns on failure; PID 1 must not exit.
     loop {
         nix::unistd::pause();
     }
+}
+
+/// Whether `reboot(RB_POWER_OFF)` powers the VM off rather than halting it: Linux registers
+/// its ACPI power-off handler when the namespace has an `_S5_` object, which moat-vmm (and
+/// QEMU) put in the DSDT. `/sys/firmware/acpi/tables/DSDT` exists only when the kernel runs
+/// with ACPI (not built without `CONFIG_ACPI`, not with `acpi=off`).
+fn acpi_power_off_available() -> bool {
+    std::fs::read("/sys/firmware/acpi/tables/DSDT")
+        .map(|dsdt| dsdt.windows(4).any(|w| w == b"_S5_"))
+        .unwrap_or(false)
 }

@@ -12,8 +12,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum ExitReason {
     /// The guest pulsed the reset line through the i8042 (Linux `reboot` with `reboot=k`).
     GuestReset,
-    /// The guest powered off: ACPI S5 through the FADT sleep control register (`poweroff`;
-    /// produced by `devices::legacy::AcpiPm`, which is not wired yet).
+    /// The guest powered off: ACPI S5 through the FADT's PM1a control register (`poweroff`;
+    /// produced by `devices::legacy::AcpiPm`).
     GuestPowerOff,
     /// The guest asked KVM for a system shutdown or reset (`KVM_EXIT_SYSTEM_EVENT`).
     GuestShutdown,

@@ -310,6 +310,36 @@ fn built_config_has_every_fragment_option() {
     }
 }
 
+/// Guest power-off (docs/vmm.md, "ACPI") needs more than the fragments spell out: options that
+/// follow from them (`def_bool`s) and ones that must stay off. Checked on the built config.
+#[test]
+fn built_config_can_power_off_through_acpi() {
+    let path = built_config_path();
+    if !path.exists() {
+        panic!("{}", CheckError::ConfigMissing { path });
+    }
+    let config = parse_config(&read(&path).unwrap_or_else(|e| panic!("{e}")));
+    let yes = Setting::Value("y".to_string());
+    let wanted = [
+        // The interpreter, and PCI for its default PCI_Config region handler (without it no
+        // table loads).
+        ("CONFIG_ACPI", true),
+        ("CONFIG_PCI", true),
+        // drivers/acpi/sleep.c: registers the S5 power-off handler when the DSDT has `_S5`.
+        ("CONFIG_ACPI_SYSTEM_POWER_STATES_SUPPORT", true),
+        // COM1 for hardware-reduced ACPI VMMs (QEMU microvm), which describe it in the DSDT only.
+        ("CONFIG_SERIAL_8250_PNP", true),
+        // Would ignore moat-vmm's fixed-hardware PM1 registers.
+        ("CONFIG_ACPI_REDUCED_HARDWARE_ONLY", false),
+    ];
+    let wrong: Vec<String> = wanted
+        .iter()
+        .filter(|(name, on)| (config.get(*name) == Some(&yes)) != *on)
+        .map(|(name, on)| format!("{name} should be {}", if *on { "y" } else { "off" }))
+        .collect();
+    assert!(wrong.is_empty(), "{}: {}", path.display(), wrong.join(", "));
+}
+
 #[test]
 fn every_fragment_option_group_has_a_reason() {
     let fragments = load_fragments().unwrap_or_else(|e| panic!("{e}"));

@@ -65,6 +65,9 @@ pub const IRQ_MAX: u32 = 23;
 pub const IRQ_SERIAL: u32 = 4;
 /// i8042 keyboard interrupt line.
 pub const IRQ_I8042: u32 = 1;
+/// ACPI system control interrupt (FADT `SCI_INT`): the ISA line of the absent COM2, so that it
+/// never shares a GSI with a virtio device. Never raised (there are no ACPI events).
+pub const IRQ_ACPI_SCI: u32 = 3;
 
 /// e820 entry type: usable RAM.
 pub const E820_RAM: u32 = 1;

@@ -1,8 +1,7 @@
 //! The x86_64 machine: guest physical layout and e820 map (`layout`), the Linux/PVH boot
 //! structures (`boot`), descriptor tables (`gdt`), initial vCPU state (`regs`), CPUID
-//! filtering (`cpuid`), the MP table (`mptable`) and the ACPI tables (`acpi`, not given
-//! to guests yet) announcing the
-//! vCPUs.
+//! filtering (`cpuid`), and the MP table (`mptable`) and ACPI tables (`acpi`) announcing the
+//! vCPUs and interrupt controllers (ACPI also carries guest power-off).
 
 pub mod acpi;
 pub mod boot;

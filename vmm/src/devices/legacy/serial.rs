@@ -52,7 +52,7 @@ impl BusDevice for SerialDevice {
     fn write(&mut self, offset: u64, data: &[u8]) {
         if let (Some(b), Ok(off)) = (data.first(), u8::try_from(offset)) {
             if let Err(e) = self.serial.write(off, *b) {
-                log::warn!("serial: {e:?}");
+                tracing::warn!("serial: {e:?}");
             }
             // Interactive consoles want every byte; a file sink flushes on drop anyway.
             if off == 0 {
@@ -89,14 +89,14 @@ impl MutEventSubscriber for SerialInput {
         let mut dev = crate::devices::lock(&self.serial);
         let room = dev.serial.fifo_capacity().min(n as usize);
         if let Err(e) = dev.serial.enqueue_raw_bytes(&buf[..room]) {
-            log::warn!("serial input: {e:?}");
+            tracing::warn!("serial input: {e:?}");
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         // /dev/null and regular files cannot be polled: no console input then.
         if let Err(e) = ops.add(Events::new_raw(self.fd, EventSet::IN)) {
-            log::debug!("serial input disabled: {e:?}");
+            tracing::debug!("serial input disabled: {e:?}");
         }
     }
 }
