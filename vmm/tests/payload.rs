@@ -1,7 +1,8 @@
 //! Boots tiny hand-written 64-bit payloads (wrapped in a minimal ELF, so they go through the
 //! real kernel loader and the 64-bit boot protocol) in the real `moat-vmm` binary on this
 //! machine's /dev/kvm, and checks serial output, virtio-mmio probing, the boot marker, the
-//! exit statuses, SIGTERM and the control socket.
+//! exit statuses, SIGTERM, the control socket and the jail (namespaces, mounts, rlimits,
+//! capabilities of the confined VMM, read from /proc).
 //!
 //! These need /dev/kvm; without it they fail, unless MOAT_SKIP_KVM=1 is set.
 
@@ -472,7 +473,7 @@ fn thread_seccomp_modes(extra: &[&str]) -> Vec<(String, String)> {
     // thread did before the vCPUs were started; the event loop did before serving requests.
     let mut c = connect(&api);
     assert_eq!(request(&mut c, r#"{"cmd":"status"}"#)["state"], "running");
-    let modes = seccomp_modes(child.id());
+    let modes = seccomp_modes(vmm_pid(child.id()));
     assert_eq!(request(&mut c, r#"{"cmd":"stop"}"#)["ok"], true);
     assert_eq!(finish(child).status.code(), Some(0));
     modes
@@ -491,4 +492,291 @@ fn every_thread_runs_under_seccomp_unless_disabled() {
     assert!(on.iter().all(|(_, m)| m == "2"), "{on:?}");
     let off = thread_seccomp_modes(&["--no-seccomp"]);
     assert!(off.iter().all(|(_, m)| m == "0"), "{off:?}");
+}
+
+/// The pid of the process running the VM: the jailed child of the supervisor `pid` (the VMM
+/// runs as `pid` itself with `--no-jail`).
+fn vmm_pid(pid: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let children: Vec<u32> = children
+        .split_whitespace()
+        .map(|c| c.parse().unwrap())
+        .collect();
+    assert!(children.len() <= 1, "{children:?}");
+    children.first().copied().unwrap_or(pid)
+}
+
+/// `Key:` line of /proc/PID/status.
+fn status_field(pid: u32, key: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// (mount point, mount options) of every mount in /proc/PID/mountinfo.
+fn mounts(pid: &str) -> Vec<(PathBuf, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            (PathBuf::from(f[4]), f[5].to_string())
+        })
+        .collect()
+}
+
+/// `Max ...` soft limit in /proc/PID/limits.
+fn limit(pid: u32, name: &str) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits.lines().find(|l| l.starts_with(name)).unwrap();
+    line[name.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn host_mounts_below(dir: &Path) -> Vec<PathBuf> {
+    mounts("self")
+        .into_iter()
+        .map(|(m, _)| m)
+        .filter(|m| m.starts_with(dir))
+        .collect()
+}
+
+/// Boots SPIN with a serial FIFO, a control socket and `extra`; returns the supervisor, the
+/// control connection and the serial reader once the guest runs.
+fn boot_spin(
+    dir: &Scratch,
+    extra: &[&str],
+) -> (
+    Child,
+    (UnixStream, BufReader<UnixStream>),
+    BufReader<std::fs::File>,
+) {
+    let kernel = dir.kernel(SPIN);
+    let fifo = dir.path("serial");
+    let api = dir.path("api.sock");
+    mkfifo(&fifo);
+    let serial = format!("file:{}", s(&fifo));
+    let mut args = vec![
+        "--kernel",
+        s(&kernel),
+        "--serial",
+        &serial,
+        "--api-sock",
+        s(&api),
+    ];
+    args.extend_from_slice(extra);
+    let child = spawn(&args);
+    let reader = wait_ready(&fifo);
+    let mut c = connect(&api);
+    assert_eq!(request(&mut c, r#"{"cmd":"status"}"#)["state"], "running");
+    (child, c, reader)
+}
+
+#[test]
+fn jail_confines_the_vmm() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = Scratch::new("jail");
+    let disk = dir.path("disk.img");
+    std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+    let (child, mut c, _serial) = boot_spin(&dir, &["--blk", &format!("{}:ro", s(&disk))]);
+    let vmm = vmm_pid(child.id());
+    assert_ne!(vmm, child.id(), "the VM runs in a child of the supervisor");
+
+    for ns in ["pid", "mnt", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{vmm}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "{ns} namespace");
+    }
+    assert_eq!(status_field(vmm, "NSpid"), format!("{vmm}\t1"));
+    assert_eq!(status_field(vmm, "Uid"), "0\t0\t0\t0");
+    assert_eq!(status_field(vmm, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(vmm, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(vmm, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(vmm, "NoNewPrivs"), "1");
+
+    // Only what the configuration names, at the same paths; what the VM only reads, read-only.
+    let scratch = std::fs::canonicalize(&dir.0).unwrap();
+    let seen = mounts(&vmm.to_string());
+    let points: Vec<&Path> = seen.iter().map(|(m, _)| m.as_path()).collect();
+    let mut want: Vec<PathBuf> = ["/", "/dev/kvm", "/dev/null", "/dev/urandom", "/proc"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    want.extend([
+        scratch.clone(),
+        scratch.join("payload.elf"),
+        scratch.join("disk.img"),
+    ]);
+    for w in &want {
+        assert!(points.contains(&w.as_path()), "{w:?} not in {points:?}");
+    }
+    assert_eq!(points.len(), want.len(), "{points:?}");
+    let ro = |p: &Path| {
+        seen.iter()
+            .any(|(m, o)| m == p && o.split(',').any(|f| f == "ro"))
+    };
+    assert!(ro(Path::new("/")) && ro(&scratch.join("payload.elf")) && ro(&disk));
+    assert!(!ro(&scratch));
+    let top: Vec<String> = std::fs::read_dir(format!("/proc/{vmm}/root"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let first = scratch.components().nth(1).unwrap();
+    let mut top_want = vec!["dev", "proc", first.as_os_str().to_str().unwrap()];
+    top_want.sort();
+    let mut top = top;
+    top.sort();
+    assert_eq!(top, top_want);
+    assert!(!Path::new(&format!("/proc/{vmm}/root/etc")).exists());
+
+    assert_eq!(limit(vmm, "Max open files"), "4096");
+    assert_eq!(limit(vmm, "Max core file size"), "0");
+    assert_eq!(
+        limit(vmm, "Max address space"),
+        ((256u64 + 4096) << 20).to_string()
+    );
+
+    assert_eq!(request(&mut c, r#"{"cmd":"stop"}"#)["ok"], true);
+    assert_eq!(finish(child).status.code(), Some(0));
+    assert!(host_mounts_below(&scratch).is_empty());
+}
+
+#[test]
+fn killing_the_supervisor_kills_the_jailed_vmm() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = Scratch::new("jail-kill");
+    let (child, _c, _serial) = boot_spin(&dir, &[]);
+    let vmm = vmm_pid(child.id()) as libc::pid_t;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, vmm, 0) } as i32;
+    assert!(pidfd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let out = finish(child);
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(libc::SIGKILL)
+    );
+    // The pidfd turns readable when the jailed VMM has exited.
+    let mut pfd = libc::pollfd {
+        fd: pidfd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one initialised pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, 60_000) };
+    assert_eq!(n, 1, "the jailed VMM outlived its supervisor");
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(pidfd) };
+}
+
+#[test]
+fn fs_share_keeps_the_ownership_caps_and_sees_later_host_mounts() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = Scratch::new("jail-fs");
+    let share = dir.path("share");
+    std::fs::create_dir(&share).unwrap();
+    let fs_arg = format!("t={}", s(&share));
+    let (child, mut c, _serial) = boot_spin(&dir, &["--fs", &fs_arg]);
+    let vmm = vmm_pid(child.id());
+    // CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID MKNOD SETFCAP, nothing else.
+    assert_eq!(status_field(vmm, "CapEff"), "00000000880000db");
+    assert_eq!(status_field(vmm, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(vmm, "Uid"), "0\t0\t0\t0");
+
+    // What the shim does for each container: mount below the share after the VM started.
+    let share = std::fs::canonicalize(&share).unwrap();
+    let sub = share.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let c_sub = std::ffi::CString::new(s(&sub)).unwrap();
+    // SAFETY: valid NUL-terminated strings.
+    let rc = unsafe {
+        libc::mount(
+            c"tmpfs".as_ptr(),
+            c_sub.as_ptr(),
+            c"tmpfs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    std::fs::write(sub.join("f"), b"late").unwrap();
+    let inside = format!("/proc/{vmm}/root{}", s(&sub.join("f")));
+    let seen = std::fs::read(&inside);
+    // SAFETY: valid NUL-terminated path.
+    unsafe { libc::umount2(c_sub.as_ptr(), libc::MNT_DETACH) };
+    assert_eq!(
+        seen.unwrap(),
+        b"late",
+        "the jail does not see {}",
+        sub.display()
+    );
+
+    assert_eq!(request(&mut c, r#"{"cmd":"stop"}"#)["ok"], true);
+    assert_eq!(finish(child).status.code(), Some(0));
+    assert!(
+        host_mounts_below(&dir.0).is_empty(),
+        "{:?}",
+        host_mounts_below(&dir.0)
+    );
+}
+
+#[test]
+fn jail_uid_runs_the_vmm_unprivileged() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = Scratch::new("jail-uid");
+    std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let kvm = std::fs::metadata("/dev/kvm").unwrap();
+    let nobody_can_use_kvm =
+        std::os::unix::fs::PermissionsExt::mode(&kvm.permissions()) & 0o006 == 0o006;
+    let kernel = dir.kernel(SPIN);
+    if !nobody_can_use_kvm {
+        // Here the caller must give the jail uid/gid access to /dev/kvm: the VMM says so.
+        let out = run(&[
+            "--kernel",
+            s(&kernel),
+            "--jail-uid",
+            "65534",
+            "--serial",
+            "none",
+        ]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("/dev/kvm"), "{err}");
+        return;
+    }
+    let fifo = dir.path("serial");
+    mkfifo(&fifo);
+    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let serial = format!("file:{}", s(&fifo));
+    let child = spawn(&[
+        "--kernel",
+        s(&kernel),
+        "--serial",
+        &serial,
+        "--jail-uid",
+        "65534",
+    ]);
+    let _serial = wait_ready(&fifo);
+    let vmm = vmm_pid(child.id());
+    assert_eq!(status_field(vmm, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(vmm, "CapEff"), "0000000000000000");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(finish(child).status.code(), Some(128 + libc::SIGTERM));
 }
