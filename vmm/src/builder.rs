@@ -19,12 +19,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::boot::{self, BootInfo};
 use crate::arch::x86_64::layout::{self, *};
-use crate::arch::x86_64::mptable;
 use crate::arch::x86_64::regs::BootEntry;
+use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{SerialOut, VmConfig, DEFAULT_CMDLINE};
 use crate::devices::legacy::{self, BootMarker, SerialDevice, SerialInput, I8042, MARKER_UNSET};
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{blk, fs, rng, vsock, IrqTrigger, VirtioDevice};
+use crate::devices::virtio::{blk, fs, net, rng, vsock, IrqTrigger, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::seccomp::SeccompPolicy;
@@ -77,6 +77,9 @@ pub enum BuildError {
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// The serial output file cannot be opened.
     #[error("cannot open serial output {path}: {err}")]
     SerialOpen {
@@ -252,6 +255,11 @@ pub fn build(
         legacy::I8042_PORT,
         legacy::I8042_LEN,
     )?;
+    pio.insert(
+        Arc::new(Mutex::new(legacy::AcpiPm::new(exit.clone()))),
+        legacy::ACPI_PM_PORT.into(),
+        legacy::ACPI_PM_LEN,
+    )?;
     let boot_ms = Arc::new(AtomicU64::new(MARKER_UNSET));
     pio.insert(
         Arc::new(Mutex::new(BootMarker::new(start, boot_ms.clone()))),
@@ -292,6 +300,16 @@ pub fn build(
         let dev = rng::Rng::new().map_err(|e| BuildError::Os("eventfd", e))?;
         devices.add(dev, None)?;
     }
+    // virtio-net last, in --net order: the guest names them eth0, eth1, ... as it probes them.
+    // Their data path is tap reads and writes, which never block: the shared event loop.
+    for n in &cfg.net {
+        let mac = match n.mac {
+            Some(m) => m,
+            None => net::MacAddr::random_local().map_err(|e| BuildError::Device(e.to_string()))?,
+        };
+        let dev = net::Net::new(&n.tap, mac).map_err(|e| BuildError::Device(e.to_string()))?;
+        devices.add(dev, None)?;
+    }
     let device_threads = std::mem::take(&mut devices.threads);
     let mmio = devices.mmio;
 
@@ -305,14 +323,15 @@ pub fn build(
         .map_err(BuildError::Cmdline)?
         .as_bytes_with_nul()
         .len();
+    // Both: kernels without ACPI (or booted with `acpi=off`) use the MP table; ACPI kernels use
+    // the MADT and get power-off through the FADT (docs/vmm.md, "ACPI").
     mptable::setup(&mem, cfg.vcpus)?;
-    // No ACPI tables yet (`arch::x86_64::acpi` builds them, but Linux needs more than they
-    // describe; see docs/vmm.md "Exit status"): the guest finds its CPUs in the MP table.
+    let rsdp = acpi::setup(&mem, cfg.vcpus)?;
     let info = BootInfo {
         mem_size,
         cmdline_size,
         initrd,
-        rsdp: None,
+        rsdp: Some(rsdp),
     };
     match entry {
         BootEntry::Pvh(_) => boot::write_pvh_info(&mem, &info)?,

@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+use crate::devices::virtio::net::MacAddr;
+use crate::devices::virtio::tap;
+use crate::jail::JailConfig;
 use crate::seccomp::SeccompPolicy;
 
 /// Where the guest console (COM1) goes.
@@ -32,6 +35,39 @@ pub struct BlkConfig {
     /// Open read-only and tell the guest so.
     #[serde(default)]
     pub read_only: bool,
+}
+
+/// A virtio-net device on an existing tap interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Tap interface name (in the VMM's network namespace, see `VmConfig::netns`).
+    pub tap: String,
+    /// MAC address the guest sees; `None`: a random locally administered one.
+    pub mac: Option<MacAddr>,
+}
+
+impl NetConfig {
+    /// Parses `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
+    pub fn parse(v: &str) -> Result<Self, &'static str> {
+        const WHY: &str = "tap=NAME[,mac=AA:BB:CC:DD:EE:FF]";
+        let (mut name, mut mac) = (None, None);
+        for kv in v.split(',') {
+            match kv.split_once('=') {
+                Some(("tap", n)) if name.is_none() => {
+                    tap::check_name(n).map_err(|_| {
+                        "a tap name of 1 to 15 bytes without '/', ',', '=', ':' or whitespace"
+                    })?;
+                    name = Some(n.to_string());
+                }
+                Some(("mac", m)) if mac.is_none() => mac = Some(m.parse()?),
+                _ => return Err(WHY),
+            }
+        }
+        Ok(Self {
+            tap: name.ok_or(WHY)?,
+            mac,
+        })
+    }
 }
 
 /// Host side of the vsock device.
@@ -65,6 +101,10 @@ pub struct VmConfig {
     pub fs: Vec<FsShare>,
     /// virtio-blk disks.
     pub blk: Vec<BlkConfig>,
+    /// virtio-net devices, in guest order (eth0, eth1, ...).
+    pub net: Vec<NetConfig>,
+    /// Network namespace to join before attaching to the taps (`/run/netns/NAME`).
+    pub netns: Option<PathBuf>,
     /// Control socket.
     pub api_sock: Option<PathBuf>,
     /// Wait for `{"cmd":"start"}` on the control socket before booting.
@@ -73,6 +113,8 @@ pub struct VmConfig {
     pub rng: bool,
     /// Seccomp filters on the VMM's threads (`--no-seccomp` turns them off).
     pub seccomp: SeccompPolicy,
+    /// Confinement of the VMM process (`--no-jail`, `--jail-uid`, `--jail-gid`).
+    pub jail: JailConfig,
 }
 
 /// Guest CID when none is given.
@@ -81,8 +123,8 @@ pub const DEFAULT_CID: u64 = 3;
 pub const DEFAULT_MEM_MIB: u64 = 256;
 
 /// The default kernel command line. `reboot=k` makes a guest reboot reach the i8042, which
-/// ends the VMM; `panic=1` turns a panic into such a reboot one second later. (A guest
-/// power-off only halts the vCPUs: there is no ACPI.)
+/// ends the VMM; `panic=1` turns a panic into such a reboot one second later. A guest
+/// power-off goes through ACPI (the PM1a control register, see `devices::legacy::acpi_pm`).
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nomux i8042.nopnp i8042.nokbd";
 
@@ -111,6 +153,12 @@ pub enum ConfigError {
     /// `--defer-start` needs somewhere to receive `start`.
     #[error("--defer-start needs --api-sock")]
     DeferWithoutApi,
+    /// Two `--net` options name the same tap.
+    #[error("tap {0} is given to more than one --net device")]
+    DuplicateTap(String),
+    /// `--jail-uid`/`--jail-gid` with something that needs uid 0, or without the jail.
+    #[error("--jail-uid/--jail-gid cannot be combined with {0} (see docs/security.md, \"VMM confinement\")")]
+    JailIds(&'static str),
     /// Help was requested.
     #[error("help requested")]
     Help,
@@ -121,7 +169,9 @@ pub const USAGE: &str = "\
 usage: moat-vmm --kernel PATH [--initrd PATH] [--cmdline EXTRA] [--vcpus N] [--mem-mib N]
                 [--serial stdout|file:PATH|none] [--vsock-uds PATH] [--vsock-cid N]
                 [--fs TAG=DIR]... [--blk PATH[:ro]]... [--no-rng]
+                [--net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]]... [--netns PATH]
                 [--api-sock PATH [--defer-start]] [--no-seccomp]
+                [--no-jail | --jail-uid UID [--jail-gid GID]]
 See docs/vmm.md for the control socket protocol and exit statuses.";
 
 fn invalid(option: &str, value: &str, why: &'static str) -> ConfigError {
@@ -154,11 +204,15 @@ impl VmConfig {
             vsock: None,
             fs: Vec::new(),
             blk: Vec::new(),
+            net: Vec::new(),
+            netns: None,
             api_sock: None,
             defer_start: false,
             rng: true,
             seccomp: SeccompPolicy::Enforce,
+            jail: JailConfig::default(),
         };
+        let (mut jail_uid, mut jail_gid) = (None, None);
         let mut vsock_uds = None;
         let mut cid = DEFAULT_CID;
         let mut args = args.into_iter();
@@ -179,6 +233,10 @@ impl VmConfig {
                 }
                 "--defer-start" => {
                     cfg.defer_start = true;
+                    continue;
+                }
+                "--no-jail" => {
+                    cfg.jail.enabled = false;
                     continue;
                 }
                 _ => {}
@@ -255,7 +313,35 @@ impl VmConfig {
                         read_only,
                     });
                 }
+                "--net" => {
+                    let v = value()?;
+                    let net = NetConfig::parse(&v).map_err(|why| invalid(&opt, &v, why))?;
+                    if cfg.net.iter().any(|n| n.tap == net.tap) {
+                        return Err(ConfigError::DuplicateTap(net.tap));
+                    }
+                    cfg.net.push(net);
+                }
+                "--netns" => {
+                    let v = value()?;
+                    if v.is_empty() {
+                        return Err(invalid(&opt, &v, "a network namespace file"));
+                    }
+                    cfg.netns = Some(PathBuf::from(v));
+                }
                 "--api-sock" => cfg.api_sock = Some(PathBuf::from(value()?)),
+                "--jail-uid" | "--jail-gid" => {
+                    let v = value()?;
+                    let id = v
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|id| *id != 0 && *id != u32::MAX)
+                        .ok_or_else(|| invalid(&opt, &v, "a numeric id other than 0"))?;
+                    if opt == "--jail-uid" {
+                        jail_uid = Some(id);
+                    } else {
+                        jail_gid = Some(id);
+                    }
+                }
                 _ => return Err(ConfigError::Unknown(arg)),
             }
         }
@@ -263,6 +349,20 @@ impl VmConfig {
         cfg.vsock = vsock_uds.map(|uds| VsockConfig { uds, cid });
         if cfg.defer_start && cfg.api_sock.is_none() {
             return Err(ConfigError::DeferWithoutApi);
+        }
+        match (jail_uid, jail_gid) {
+            (None, None) => {}
+            (None, Some(_)) => return Err(ConfigError::JailIds("a missing --jail-uid")),
+            (Some(uid), gid) => {
+                if !cfg.jail.enabled {
+                    return Err(ConfigError::JailIds("--no-jail"));
+                }
+                if !cfg.fs.is_empty() || cfg.defer_start {
+                    // The virtio-fs server acts as the guest's users: it needs uid 0.
+                    return Err(ConfigError::JailIds("--fs or --defer-start"));
+                }
+                cfg.jail.ids = Some((uid, gid.unwrap_or(uid)));
+            }
         }
         Ok(cfg)
     }
@@ -281,9 +381,24 @@ mod tests {
         let c = parse(
             "--kernel /k --initrd=/i --cmdline quiet --vcpus 2 --mem-mib 512 --serial file:/tmp/s \
              --vsock-uds /tmp/v --vsock-cid 7 --fs root=/srv --fs b=/x --blk /d:ro --blk /e \
-             --api-sock /tmp/a --defer-start --no-rng --no-seccomp",
+             --api-sock /tmp/a --defer-start --no-rng --no-seccomp --net tap=tap0 \
+             --net=tap=tap1,mac=02:00:00:aa:bb:cc --netns /run/netns/pod",
         )
         .unwrap();
+        assert_eq!(
+            c.net,
+            vec![
+                NetConfig {
+                    tap: "tap0".into(),
+                    mac: None
+                },
+                NetConfig {
+                    tap: "tap1".into(),
+                    mac: Some(MacAddr([2, 0, 0, 0xaa, 0xbb, 0xcc]))
+                }
+            ]
+        );
+        assert_eq!(c.netns, Some(PathBuf::from("/run/netns/pod")));
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.seccomp, SeccompPolicy::Off);
         assert_eq!(
@@ -320,6 +435,41 @@ mod tests {
         assert_eq!((c.vcpus, c.mem_mib, c.rng), (1, DEFAULT_MEM_MIB, true));
         assert_eq!(c.serial, SerialOut::Stdout);
         assert_eq!(c.vsock, None);
+        assert!(c.net.is_empty() && c.netns.is_none());
+        assert_eq!(c.jail, JailConfig::default());
+        assert!(c.jail.enabled && c.jail.ids.is_none());
+    }
+
+    #[test]
+    fn jail_options() {
+        assert!(!parse("--kernel /k --no-jail").unwrap().jail.enabled);
+        let c = parse("--kernel /k --jail-uid 1000 --jail-gid=994").unwrap();
+        assert_eq!(c.jail.ids, Some((1000, 994)));
+        let c = parse("--kernel /k --jail-uid 65534").unwrap();
+        assert_eq!(c.jail.ids, Some((65534, 65534)));
+        for bad in ["--jail-uid 0", "--jail-uid x", "--jail-gid -1 --jail-uid 1"] {
+            assert!(
+                matches!(
+                    parse(&format!("--kernel /k {bad}")),
+                    Err(ConfigError::Invalid { .. })
+                ),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "--jail-gid 5",
+            "--jail-uid 5 --no-jail",
+            "--jail-uid 5 --fs t=/d",
+            "--jail-uid 5 --api-sock /a --defer-start",
+        ] {
+            assert!(
+                matches!(
+                    parse(&format!("--kernel /k {bad}")),
+                    Err(ConfigError::JailIds(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -364,6 +514,34 @@ mod tests {
         assert_eq!(
             parse("--kernel /k --defer-start"),
             Err(ConfigError::DeferWithoutApi)
+        );
+        for bad in [
+            "",
+            "tap0",
+            "tap=",
+            "tap=0123456789abcdef",
+            "tap=a/b",
+            "mac=02:00:00:00:00:01",
+            "tap=t,mac=01:00:00:00:00:01",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,tap=u",
+            "tap=t,speed=10",
+        ] {
+            assert!(
+                matches!(
+                    parse(&format!("--kernel /k --net={bad}")),
+                    Err(ConfigError::Invalid { .. })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            parse("--kernel /k --net tap=t --net tap=t,mac=02:00:00:00:00:01"),
+            Err(ConfigError::DuplicateTap("t".into()))
+        );
+        assert_eq!(
+            parse("--kernel /k --netns"),
+            Err(ConfigError::MissingValue("--netns".into()))
         );
         assert_eq!(parse("--help"), Err(ConfigError::Help));
     }

@@ -4,7 +4,7 @@
 //! controls — a split virtqueue (descriptor table, avail ring) and buffer contents in real
 //! guest memory — and runs the real device on it: virtio-blk's request handling, virtio-vsock's
 //! TX packet parsing and its connection state machine (with real Unix sockets and the real
-//! event manager), and virtio-fs's FUSE request framing through fuse-backend-rs on a scratch
+//! event manager), virtio-net's transmit and receive chain handling, and virtio-fs's FUSE request framing through fuse-backend-rs on a scratch
 //! directory. The cargo-fuzz targets in `vmm/fuzz/` call these; `cargo test -p moat-vmm`
 //! replays every file of `vmm/fuzz/corpus/<target>/` through them (see docs/security.md).
 //!
@@ -16,6 +16,12 @@
 //! - framed FUSE (`fs` with an even first byte): after that byte, records of `u16` length +
 //!   that many bytes; each record becomes one chain: the request readable, a 4 KiB reply
 //!   buffer writable.
+//! - virtio-net (`net`): a mode byte (bit 0: the receive queue instead of the transmit queue,
+//!   bit 1: mergeable receive buffers negotiated, bit 2: checksum and segmentation offloads
+//!   negotiated); for the receive queue a `u16` length and that many bytes of frame (virtio-net
+//!   header included, as the tap hands it over); then a raw queue. Transmit frames that pass
+//!   the device's checks go to a sink instead of a tap (what the tap does with a frame is the
+//!   host kernel's business); the receive frame is offered until the queue has no room.
 //! - vsock connection (`vsock_conn`): records of a 44-byte vsock header, a `u16` payload
 //!   length and the payload, each sent as one well-formed TX packet, with a host listener on
 //!   `<uds>_`[`HOST_PORT`] and an RX queue with free buffers; the event loop runs between
@@ -31,6 +37,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::virtio::net::{self, RxOutcome};
 use crate::devices::virtio::vsock::packet::{op, Header, HEADER_SIZE, HOST_CID, TYPE_STREAM};
 use crate::devices::virtio::{blk, fs, vsock, ActivateContext, IrqTrigger, VirtioDevice};
 
@@ -51,7 +58,7 @@ const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const DESC_BYTES: usize = QUEUE_SIZE as usize * 16;
 
 /// Names of the targets, as used for `vmm/fuzz/corpus/<name>/` and the fuzz binaries.
-pub const TARGETS: [&str; 4] = ["blk", "vsock_packet", "vsock_conn", "fs"];
+pub const TARGETS: [&str; 5] = ["blk", "vsock_packet", "vsock_conn", "fs", "net"];
 
 /// Runs `data` through the target called `name` (one of [`TARGETS`]).
 pub fn run(name: &str, data: &[u8]) {
@@ -60,6 +67,7 @@ pub fn run(name: &str, data: &[u8]) {
         "vsock_packet" => fuzz_vsock_packet(data),
         "vsock_conn" => fuzz_vsock_conn(data),
         "fs" => fuzz_fs(data),
+        "net" => fuzz_net(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -242,6 +250,57 @@ pub fn encode_fuse(requests: &[Vec<u8>]) -> Vec<u8> {
         v.extend_from_slice(&(r.len() as u16).to_le_bytes());
         v.extend_from_slice(r);
     }
+    v
+}
+
+/// virtio-net: the transmit or the receive queue's chain handling (see the module docs).
+pub fn fuzz_net(data: &[u8]) {
+    let Some((&mode, body)) = data.split_first() else {
+        return;
+    };
+    let mut acked = VIRTIO_F_VERSION_1 | NET_F_MAC;
+    if mode & 2 != 0 {
+        acked |= NET_F_MRG_RXBUF;
+    }
+    if mode & 4 != 0 {
+        acked |= NET_OFFLOADS;
+    }
+    let mem = memory();
+    let mut q = queue_at(DESC_TABLE);
+    if mode & 1 == 0 {
+        raw_queue(&mem, DESC_TABLE, body);
+        let mut buf = vec![0u8; net::MAX_FRAME];
+        net::drain_tx(&mut q, &mem, acked, &mut buf, |frame| {
+            assert!(frame.len() >= net::VNET_HDR_LEN && frame.len() <= net::MAX_FRAME)
+        });
+        return;
+    }
+    let len = body
+        .get(..2)
+        .map_or(0, |b| usize::from(u16::from_le_bytes([b[0], b[1]])));
+    let rest = body.get(2..).unwrap_or_default();
+    let (frame, queue) = rest.split_at(len.min(rest.len()));
+    raw_queue(&mem, DESC_TABLE, queue);
+    for _ in 0..QUEUE_SIZE {
+        let mut f = frame.to_vec();
+        match net::deliver_rx(&mut q, &mem, &mut f, acked).0 {
+            RxOutcome::NoBuffers => break,
+            RxOutcome::Delivered | RxOutcome::Dropped => {}
+        }
+    }
+}
+
+const NET_F_MAC: u64 = 1 << 5;
+const NET_F_MRG_RXBUF: u64 = 1 << 15;
+/// CSUM, GUEST_CSUM, GUEST_TSO4/6, HOST_TSO4/6.
+const NET_OFFLOADS: u64 = (1 << 0) | (1 << 1) | (1 << 7) | (1 << 8) | (1 << 11) | (1 << 12);
+
+/// Encodes a `net` input for the receive queue (for seeds).
+pub fn encode_net_rx(mode: u8, frame: &[u8], queue: &[u8]) -> Vec<u8> {
+    let mut v = vec![mode | 1];
+    v.extend_from_slice(&(frame.len() as u16).to_le_bytes());
+    v.extend_from_slice(frame);
+    v.extend_from_slice(queue);
     v
 }
 
@@ -489,6 +548,54 @@ pub fn seeds(target: &str) -> Vec<Vec<u8>> {
                     ));
                     raw
                 },
+            ]
+        }
+        "net" => {
+            // A 12-byte header and a 64-byte Ethernet frame.
+            let mut frame = vec![0u8; 12];
+            frame.extend_from_slice(&[0xff; 6]);
+            frame.extend_from_slice(&[2, 0, 0, 0, 0, 2, 0x88, 0xb5]);
+            frame.resize(12 + 64, 0x5a);
+            let mut csum = frame.clone();
+            csum[0] = 1; // NEEDS_CSUM
+            csum[1] = 1; // GSO_TCPV4
+                         // Transmit: header and frame in two descriptors, in one, a writable one, a short
+                         // one, a loop.
+            let tx = |mode: u8, bufs: &[u8]| {
+                let mut v = vec![mode];
+                v.extend(encode_raw(
+                    &[
+                        (b, 12, F_NEXT, 1),
+                        (b + 12, 64, 0, 0),
+                        (b, 76, 0, 0),
+                        (b, 76, F_WRITE, 0),
+                        (b, 8, 0, 0),
+                        (b, 16, F_NEXT, 5),
+                    ],
+                    &[0, 2, 3, 4, 5],
+                    bufs,
+                ));
+                v
+            };
+            // Receive: two 40-byte buffers (mergeable), one readable, one too short, one out
+            // of guest memory, one 2 KiB buffer.
+            let rx = encode_raw(
+                &[
+                    (b, 40, F_WRITE, 0),
+                    (b + 0x40, 40, F_WRITE, 0),
+                    (b + 0x80, 100, 0, 0),
+                    (b + 0xc0, 8, F_WRITE, 0),
+                    (0xffff_0000, 2048, F_WRITE, 0),
+                    (b + 0x100, 2048, F_WRITE, 0),
+                ],
+                &[0, 1, 2, 3, 4, 5],
+                &[],
+            );
+            vec![
+                tx(0, &frame),
+                tx(4, &csum),
+                encode_net_rx(2, &frame, &rx),
+                encode_net_rx(4, &csum, &rx),
             ]
         }
         other => panic!("unknown fuzz target {other}"),

@@ -1,6 +1,7 @@
 //! moat-vmm: the KVM virtual machine monitor of moat. One process runs one microVM: an x86_64
 //! guest booted from an ELF `vmlinux` (PVH or 64-bit boot protocol) or a bzImage, with an 8250
-//! console, an i8042 for reset, and virtio-mmio devices (vsock, block, fs, rng).
+//! console, an i8042 for reset, ACPI power-off, and virtio-mmio devices (vsock, block, fs, rng,
+//! net). `jail` confines the process (namespaces, capabilities, rlimits) before it boots.
 //!
 //! Layout follows Firecracker's: `arch` (machine), `vstate` (KVM VM and vCPUs), `devices`,
 //! `builder` (config → running VM), `api` (control socket), `vmm` (event loop and lifecycle).
@@ -13,6 +14,7 @@ pub mod devices;
 pub mod exit;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod jail;
 pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -9,21 +9,6 @@ use moat_vmm::api::{ApiServer, Command, Response};
 use moat_vmm::config::{check_fs_tag, ConfigError, VmConfig, USAGE};
 use moat_vmm::exit::{ExitNotifier, ExitReason};
 
-/// Log lines go to stderr; `MOAT_VMM_LOG` = error|warn|info|debug|trace (default warn).
-struct StderrLogger(log::LevelFilter);
-
-impl log::Log for StderrLogger {
-    fn enabled(&self, m: &log::Metadata) -> bool {
-        m.level() <= self.0
-    }
-    fn log(&self, r: &log::Record) {
-        if self.enabled(r.metadata()) {
-            eprintln!("moat-vmm: {} {}: {}", r.level(), r.target(), r.args());
-        }
-    }
-    fn flush(&self) {}
-}
-
 /// Blocks SIGTERM/SIGINT/SIGHUP in this (and every later) thread and returns a signalfd
 /// delivering them to the event loop.
 fn termination_signalfd() -> std::io::Result<OwnedFd> {
@@ -134,13 +119,11 @@ fn wait_for_start(
 
 fn run() -> i32 {
     let start = Instant::now();
-    let level = std::env::var("MOAT_VMM_LOG")
-        .ok()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(log::LevelFilter::Warn);
-    if log::set_boxed_logger(Box::new(StderrLogger(level))).is_ok() {
-        log::set_max_level(level);
-    }
+    // Log lines (moat's tracing format, crate moat-logging) go to stderr; the level is
+    // `MOAT_VMM_LOG` = error|warn|info|debug|trace (default warn), set by the shim from its
+    // configured `log_level`.
+    let level = moat_logging::level_from_env("MOAT_VMM_LOG", moat_logging::LevelFilter::WARN);
+    let _ = moat_logging::init("moat-vmm", level, moat_logging::Output::Stderr);
     let mut cfg = match VmConfig::from_args(std::env::args().skip(1)) {
         Ok(c) => c,
         Err(ConfigError::Help) => {
@@ -152,6 +135,25 @@ fn run() -> i32 {
             return 2;
         }
     };
+    // Before any thread exists (the control socket's come next), so that every thread, and
+    // the taps opened while building the VM, live in the pod's network namespace.
+    if let Some(ns) = &cfg.netns {
+        if let Err(e) = moat_vmm::devices::virtio::tap::join_netns(ns) {
+            eprintln!("moat-vmm: {e}");
+            return 1;
+        }
+    }
+    // Still single-threaded, and already in the pod's network namespace.
+    if cfg.jail.enabled {
+        match moat_vmm::jail::enter(&mut cfg) {
+            Ok(moat_vmm::jail::Role::Vmm) => {}
+            Ok(moat_vmm::jail::Role::Supervisor(code)) => return code,
+            Err(e) => {
+                eprintln!("moat-vmm: {e}");
+                return 1;
+            }
+        }
+    }
     let signals = match termination_signalfd() {
         Ok(s) => s,
         Err(e) => {
@@ -217,7 +219,7 @@ fn run() -> i32 {
         }
     };
     vmm.set_api(api);
-    log::info!("VM built in {} ms", start.elapsed().as_millis());
+    tracing::info!("VM built in {} ms", start.elapsed().as_millis());
     let reason = vmm.run();
     eprintln!(
         "moat-vmm: VM stopped: {reason} (exit status {})",

@@ -21,8 +21,8 @@ use seccompiler::{
 pub enum ThreadKind {
     /// A vCPU: `KVM_RUN` and the port I/O / MMIO device handlers it calls.
     Vcpu,
-    /// The main thread's event loop: vsock (Unix sockets), rng, serial input, signals,
-    /// control requests, and the final teardown.
+    /// The main thread's event loop: vsock (Unix sockets), virtio-net (tap reads, writes and
+    /// offload settings), rng, serial input, signals, control requests, and the final teardown.
     EventLoop,
     /// A virtio-fs or virtio-blk worker thread: file system calls on the shared directory or
     /// disk image.
@@ -190,6 +190,8 @@ const WORKER: &[i64] = &[
 const KVM_RUN: u64 = 0xae80;
 /// `FIONBIO`: what `set_nonblocking` issues on accepted/connected Unix sockets.
 const FIONBIO: u64 = 0x5421;
+/// `TUNSETOFFLOAD`: virtio-net sets the tap's offloads when the driver (re)activates it.
+const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 
 /// An allowlist entry for `ioctl` restricted to the given request numbers.
 fn ioctl_rules(kind: ThreadKind, requests: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
@@ -210,7 +212,7 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompErr
         ThreadKind::Vcpu => &[KVM_RUN],
         ThreadKind::EventLoop => {
             sets.extend([SOCKETS, EVENT_LOOP]);
-            &[FIONBIO]
+            &[FIONBIO, TUNSETOFFLOAD]
         }
         ThreadKind::Worker => {
             sets.push(WORKER);
@@ -328,6 +330,18 @@ mod tests {
                 libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
                 "{kind:?}: status {status:#x}"
             );
+        }
+    }
+
+    #[test]
+    fn only_the_event_loop_may_set_tap_offloads() {
+        for (kind, killed) in [(ThreadKind::EventLoop, false), (ThreadKind::Vcpu, true)] {
+            let prog = filter(kind).unwrap();
+            let status = in_filtered_child(&prog, || {
+                // SAFETY: on fd -1 the ioctl fails with EBADF if the filter lets it through.
+                unsafe { libc::ioctl(-1, libc::TUNSETOFFLOAD, 0) };
+            });
+            assert_eq!(libc::WIFSIGNALED(status), killed, "{kind:?}: {status:#x}");
         }
     }
 

@@ -84,7 +84,7 @@ impl MutEventSubscriber for ControlEvents {
         fds.extend(self.signal_fd.as_ref().map(|s| s.as_raw_fd()));
         for fd in fds {
             if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
-                log::error!("cannot watch control fd {fd}: {e:?}");
+                tracing::error!("cannot watch control fd {fd}: {e:?}");
             }
         }
     }
@@ -111,7 +111,7 @@ impl MutEventSubscriber for StopFlag {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evt, EventSet::IN)) {
-            log::error!("cannot watch the device thread stop event: {e:?}");
+            tracing::error!("cannot watch the device thread stop event: {e:?}");
         }
     }
 }
@@ -141,7 +141,7 @@ impl DeviceThread {
             }
             while !crate::devices::lock(&flag).stopped {
                 if let Err(e) = em.run() {
-                    log::error!("device event loop: {e:?}");
+                    tracing::error!("device event loop: {e:?}");
                     return;
                 }
             }
@@ -158,7 +158,7 @@ impl Drop for DeviceThread {
         let _ = self.stop.write(1);
         if let Some(h) = self.handle.take() {
             if h.join().is_err() {
-                log::error!("a device thread panicked");
+                tracing::error!("a device thread panicked");
             }
         }
     }

@@ -52,7 +52,7 @@ const BOOT_TIMEOUT_SECS: u32 = 180;
 
 /// Kernel command line for the debug image under QEMU: serial console without the boot log
 /// (`quiet`; a panic still prints); `reboot=t` makes the final `reboot -f` a triple fault, which
-/// `-no-reboot` turns into an exit (there is no ACPI to power off, and microvm has no i8042).
+/// `-no-reboot` turns into an exit (microvm has no i8042; a triple fault needs no firmware).
 const QEMU_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1";
 
 /// Extra command line under moat-vmm, which itself passes `console=ttyS0 reboot=k panic=1` and

@@ -1,16 +1,20 @@
 //! E2E trials of moat-vmm on a real KVM: a Linux guest (the project kernel) with a test
 //! initramfs — busybox plus `moat-probe` (vmm/tests/guest/moat-probe.c, built static here) —
 //! whose `/init` runs the scenario named by `moat.test=` on the kernel command line and prints
-//! `MOAT-E2E ...` lines on the serial console, then reboots (which ends the VMM).
+//! `MOAT-E2E ...` lines on the serial console, then reboots or powers off (which ends the VMM).
 //!
 //! Covered: boot to init with the boot marker and a clean exit that leaves no socket behind;
 //! vsock in both directions (hybrid Unix sockets); virtio-blk write/read-back with checksums
-//! and a read-only disk; virtio-fs read/write seen on the host; and boot-to-init time of
+//! and a read-only disk; virtio-fs read/write seen on the host; virtio-net on taps in a network
+//! namespace (ping, TCP both ways with offloads); ACPI power-off ending the VMM with
+//! `guest-poweroff`, and the same kernel with `acpi=off` booting from the MP table and the
+//! command-line virtio devices; and boot-to-init time of
 //! moat-vmm vs `qemu-system-x86_64 -M microvm` for the same kernel and initramfs (reported,
 //! not asserted).
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -35,6 +39,7 @@ mount -t devtmpfs devtmpfs /dev
 /bin/moat-probe marker
 echo "MOAT-E2E init"
 echo "MOAT-E2E cpus $(grep -c ^processor /proc/cpuinfo)"
+echo "MOAT-E2E virtio $(ls -d /sys/bus/virtio/devices/* | wc -l) $(ls -d /sys/bus/virtio/devices/*/driver | wc -l)"
 case " $(cat /proc/cmdline) " in
 *" moat.test=vsock "*)
     /bin/moat-probe echo 5000 &
@@ -57,6 +62,26 @@ case " $(cat /proc/cmdline) " in
     echo "MOAT-E2E idle"
     exec sleep 3600
     ;;
+*" moat.test=poweroff "*)
+    # ACPI S5: the VMM exits with guest-poweroff. If the power-off does not reach the VMM the
+    # kernel halts instead and the VMM never exits (the trial times out).
+    echo "MOAT-E2E done"
+    poweroff -f
+    ;;
+*" moat.test=net "*)
+    # eth0 on the host's tap (10.0.2.1/30), eth1 on a second tap with a random MAC.
+    ip link set lo up
+    ip link set eth0 up && ip addr add 10.0.2.2/30 dev eth0
+    echo "MOAT-E2E macs $(cat /sys/class/net/eth0/address) $(cat /sys/class/net/eth1/address)"
+    if ping -c 3 -w 60 10.0.2.1 >/dev/null; then echo "MOAT-E2E ping ok"; fi
+    wget -q -O /tmp/down http://10.0.2.1:8080/down &&
+        echo "MOAT-E2E down $(sha256sum /tmp/down | cut -d' ' -f1)"
+    # Text: busybox wget sends --post-file data as a C string (it would stop at a NUL byte).
+    head -c 786432 /dev/urandom | base64 >/tmp/up
+    echo "MOAT-E2E up $(sha256sum /tmp/up | cut -d' ' -f1)"
+    wget -q -O /tmp/reply --post-file /tmp/up http://10.0.2.1:8080/up &&
+        echo "MOAT-E2E up-reply $(cat /tmp/reply)"
+    ;;
 *" moat.test=fs "*)
     mkdir -p /mnt/share
     mount -t virtiofs share /mnt/share && echo "MOAT-E2E host-file $(cat /mnt/share/host.txt)"
@@ -77,9 +102,12 @@ pub fn trials() -> Vec<Trial> {
         trial("vmm::vsock_round_trip_both_directions", vsock_round_trip),
         trial("vmm::blk_write_read_back_with_checksums", blk_checksums),
         trial("vmm::virtiofs_read_write_visible_to_host", virtiofs_share),
+        trial("vmm::virtio_net_ping_and_tcp_both_ways", net_round_trip),
         trial("vmm::control_socket_on_a_linux_guest", control_socket),
         trial("vmm::sigterm_stops_a_linux_guest", sigterm),
         trial("vmm::boot_to_init_vs_qemu_microvm", boot_time_vs_qemu),
+        trial("vmm::guest_poweroff_exits_cleanly", poweroff_and_exit),
+        trial("vmm::acpi_off_guest_boots_from_the_mp_table", acpi_off_boot),
     ]
 }
 
@@ -295,15 +323,38 @@ fn boot_and_exit() -> Check {
     boot_until_guest_exit("boot", "guest-reset")
 }
 
-/// Boots with 2 vCPUs, vsock and the control socket, lets the guest run scenario `test` (which
-/// ends with a reboot), and expects exit status 0 with `reason` on stderr, the
-/// boot marker seen, and nothing left behind.
+/// The guest powers off (ACPI S5, `poweroff -f`): exit status 0, reason `guest-poweroff`, both
+/// vCPUs up (MADT), nothing left behind.
+fn poweroff_and_exit() -> Check {
+    boot_until_guest_exit("poweroff", "guest-poweroff")
+}
+
+/// The same kernel with `acpi=off` ignores the ACPI tables: it finds both vCPUs in the MP table
+/// and binds drivers to its virtio devices from the command line (a driver binds only once it
+/// has its interrupt), and ends the VM with a reboot.
+fn acpi_off_boot() -> Check {
+    boot_until_guest_exit_with("boot", "acpi=off", "guest-reset")
+}
+
+/// [`boot_until_guest_exit_with`] without extra command-line options.
 fn boot_until_guest_exit(test: &str, reason: &str) -> Check {
+    boot_until_guest_exit_with(test, "", reason)
+}
+
+/// Boots with 2 vCPUs, vsock and the control socket, lets the guest run scenario `test` (which
+/// ends with a reboot or power-off) with `extra` on the kernel command line, and expects exit
+/// status 0 with `reason` on stderr, the boot marker seen, and nothing left behind.
+fn boot_until_guest_exit_with(test: &str, extra: &str, reason: &str) -> Check {
     let dir = Scratch::new(&format!("vmm-{test}"))?;
     let initrd = test_initrd(dir.path())?;
     let vsock = dir.path().join("vsock.sock");
     let api = dir.path().join("api.sock");
     let mut cmd = moat_vmm(&initrd, test)?;
+    if !extra.is_empty() {
+        // A later --cmdline replaces the one moat_vmm set.
+        cmd.arg("--cmdline")
+            .arg(format!("quiet moat.test={test} {extra}"));
+    }
     cmd.arg("--vsock-uds")
         .arg(&vsock)
         .arg("--api-sock")
@@ -320,6 +371,14 @@ fn boot_until_guest_exit(test: &str, reason: &str) -> Check {
     ensure(
         line_value(&console, "cpus") == Some("2"),
         format!("the guest did not bring up 2 vCPUs; console:\n{console}"),
+    )?;
+    // vsock and the default entropy device, each with its driver bound (which needs its IRQ).
+    ensure(
+        line_value(&console, "virtio").is_some_and(|v| {
+            let n: Vec<&str> = v.split_whitespace().collect();
+            n.len() == 2 && n[0] == n[1] && n[0].parse::<u32>().is_ok_and(|n| n >= 2)
+        }),
+        format!("not every virtio device has its driver; console:\n{console}"),
     )?;
     ensure(!vsock.exists(), "the vsock socket was left behind")?;
     ensure(!api.exists(), "the control socket was left behind")?;
@@ -474,6 +533,194 @@ fn virtiofs_share() -> Check {
     )?;
     let got = fs::read_to_string(share.join("guest.txt")).context("read guest.txt on the host")?;
     ensure(got == "from-guest\n", format!("host sees {got:?}"))
+}
+
+/// `ip` (iproute2), which is in /usr/sbin, outside the software-KVM host's PATH.
+fn ip(args: &[&str]) -> Check {
+    let prog = ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("ip");
+    let out = Command::new(prog)
+        .args(args)
+        .output()
+        .context(format!("run {prog} (apt-get install iproute2)"))?;
+    ensure(
+        out.status.success(),
+        format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// Bytes the host serves at `/down`.
+fn net_download() -> Vec<u8> {
+    (0..(1u32 << 20))
+        .map(|i| (i * 7 + i / 4093) as u8)
+        .collect()
+}
+
+/// Reads an HTTP request head; returns (request line, content length, body bytes read).
+fn http_head(s: &mut std::net::TcpStream) -> std::io::Result<(String, usize, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 || buf.len() > 64 << 10 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let len = head
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    let first = head.lines().next().unwrap_or_default().to_string();
+    Ok((first, len, buf[end + 4..].to_vec()))
+}
+
+/// The host side of the net trial, on a thread of its own network namespace: taps `mtap0`
+/// (10.0.2.1/30, up) and `mtap1`, and an HTTP server on 10.0.2.1:8080 serving `GET /down` and
+/// `POST /up` (the body is stored in `upload`). Sends the thread's namespace path (or why it
+/// could not make it), then serves until two requests are done or the listener is shut down.
+fn net_host(
+    upload: PathBuf,
+    ready: mpsc::Sender<Result<(String, std::net::TcpListener), String>>,
+) -> std::io::Result<usize> {
+    let setup = || -> Result<std::net::TcpListener, String> {
+        // SAFETY: unshare changes only this thread's network namespace.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("unshare: {}", std::io::Error::last_os_error()));
+        }
+        for args in [
+            &["tuntap", "add", "mtap0", "mode", "tap"][..],
+            &["tuntap", "add", "mtap1", "mode", "tap"],
+            &["addr", "add", "10.0.2.1/30", "dev", "mtap0"],
+            &["link", "set", "mtap0", "up"],
+            &["link", "set", "lo", "up"],
+        ] {
+            ip(args).map_err(|e| e.message().unwrap_or_default().to_string())?;
+        }
+        std::net::TcpListener::bind("10.0.2.1:8080").map_err(|e| format!("bind: {e}"))
+    };
+    let listener = match setup() {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return Ok(0);
+        }
+    };
+    // SAFETY: gettid has no arguments.
+    let tid = unsafe { libc::gettid() };
+    let ns = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
+    let _ = ready.send(Ok((ns, listener.try_clone()?)));
+    let mut served = 0;
+    while served < 2 {
+        let (mut s, _) = listener.accept()?;
+        s.set_read_timeout(Some(RUN_TIMEOUT))?;
+        let (line, len, mut body) = http_head(&mut s)?;
+        if line.starts_with("GET /down ") {
+            let data = net_download();
+            write!(
+                s,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                data.len()
+            )?;
+            s.write_all(&data)?;
+        } else if line.starts_with("POST /up ") {
+            while body.len() < len {
+                let mut chunk = vec![0u8; 64 << 10];
+                let n = s.read(&mut chunk)?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            fs::write(&upload, &body)?;
+            write!(s, "HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\nstored\n")?;
+        } else {
+            s.write_all(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n")?;
+        }
+        served += 1;
+    }
+    Ok(served)
+}
+
+/// virtio-net on taps in a network namespace the VMM joins with `--netns`: the guest pings the
+/// host, downloads 1 MiB and uploads 1 MiB (base64 text) over TCP (checksums compared on both
+/// sides), with the offloads Linux negotiates (checksum, TSO, mergeable buffers) and seccomp
+/// on; eth0 has the MAC given, eth1 (second `--net`) a random locally administered one.
+fn net_round_trip() -> Check {
+    let dir = Scratch::new("vmm-net")?;
+    let initrd = test_initrd(dir.path())?;
+    let upload = dir.path().join("upload.bin");
+    let (tx, rx) = mpsc::channel();
+    let up = upload.clone();
+    let host = std::thread::spawn(move || net_host(up, tx));
+    let (netns, listener) = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(format!("cannot set up the host side: {e}").into()),
+        Err(_) => return Err("the host side did not start".into()),
+    };
+    let mut cmd = moat_vmm(&initrd, "net")?;
+    cmd.env("MOAT_VMM_LOG", "info")
+        .arg("--netns")
+        .arg(&netns)
+        .args([
+            "--net",
+            "tap=mtap0,mac=02:00:0a:00:02:02",
+            "--net",
+            "tap=mtap1",
+        ]);
+    let vm = Vm::spawn(&mut cmd)?;
+    let finished = vm.finish();
+    // Unblock the server if the guest never came: a shut-down listener fails its accept.
+    // SAFETY: shutdown on a socket we own.
+    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+    let served = host.join().map_err(|_| "the host side panicked")?;
+    let (status, console, stderr) = finished?;
+    expect_clean_exit(status, &console, &stderr)?;
+    let served = served.context("host side")?;
+    ensure(served == 2, format!("the host served {served} requests"))?;
+    let macs = line_value(&console, "macs").unwrap_or_default().to_string();
+    let (eth0, eth1) = macs.split_once(' ').unwrap_or_default();
+    ensure(
+        eth0 == "02:00:0a:00:02:02",
+        format!("eth0 has MAC {eth0:?}; console:\n{console}"),
+    )?;
+    ensure(
+        u8::from_str_radix(eth1.get(..2).unwrap_or("x"), 16).is_ok_and(|b| b & 3 == 2),
+        format!("eth1's MAC {eth1:?} is not a random local unicast one"),
+    )?;
+    ensure(
+        line_value(&console, "ping") == Some("ok"),
+        format!("the guest could not ping the host; console:\n{console}\nstderr:\n{stderr}"),
+    )?;
+    let down = dir.path().join("down.bin");
+    fs::write(&down, net_download()).context("write down.bin")?;
+    ensure(
+        line_value(&console, "down") == Some(sha256(&down)?.as_str()),
+        format!("the guest downloaded different bytes; console:\n{console}"),
+    )?;
+    ensure(
+        line_value(&console, "up") == Some(sha256(&upload)?.as_str())
+            && line_value(&console, "up-reply") == Some("stored"),
+        format!("the host received different bytes than the guest sent; console:\n{console}"),
+    )?;
+    // What the guest negotiated: checksum + TSO4/6 offloads on the tap, mergeable buffers.
+    ensure(
+        stderr.contains("virtio-net mtap0 (02:00:0a:00:02:02)")
+            && stderr.contains("tap offloads 0x7, mergeable receive buffers true"),
+        format!("unexpected virtio-net negotiation; stderr:\n{stderr}"),
+    )
 }
 
 /// One request/response on the control socket.

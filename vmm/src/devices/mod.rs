@@ -11,7 +11,7 @@ macro_rules! guest_warn {
         static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if n < 10 || n.is_multiple_of(1000) {
-            log::warn!("{} (guest-triggered, #{} here)", format_args!($($arg)+), n + 1);
+            tracing::warn!("{} (guest-triggered, #{} here)", format_args!($($arg)+), n + 1);
         }
     }};
 }

@@ -176,7 +176,7 @@ impl Vcpus {
         self.kick_all();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
-                log::error!("a vCPU thread panicked");
+                tracing::error!("a vCPU thread panicked");
             }
         }
     }

@@ -161,7 +161,7 @@ impl Block {
         let (status, data_len) = match self.execute(&mut reader, &mut writer) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
             Err(RequestError::Unsupported(t)) => {
-                log::debug!("virtio-blk: unsupported request type {t}");
+                tracing::debug!("virtio-blk: unsupported request type {t}");
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
             Err(e) => {
@@ -290,7 +290,7 @@ impl MutEventSubscriber for Block {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evts[0], EventSet::IN)) {
-            log::error!("virtio-blk: cannot register queue event: {e:?}");
+            tracing::error!("virtio-blk: cannot register queue event: {e:?}");
         }
     }
 }

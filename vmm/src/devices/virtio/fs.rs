@@ -158,7 +158,7 @@ impl MutEventSubscriber for Fs {
     fn init(&mut self, ops: &mut EventOps) {
         for e in &self.evts {
             if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
-                log::error!("virtio-fs: cannot register queue event: {err:?}");
+                tracing::error!("virtio-fs: cannot register queue event: {err:?}");
             }
         }
     }

@@ -212,7 +212,7 @@ impl MmioTransport {
                 // Only reached when KVM has no ioeventfd for this address.
                 if let Some(evt) = self.notify.get(v as usize) {
                     if let Err(e) = evt.write(1) {
-                        log::error!("virtio-mmio: cannot signal queue {v}: {e}");
+                        tracing::error!("virtio-mmio: cannot signal queue {v}: {e}");
                     }
                 }
             }
@@ -309,7 +309,7 @@ impl MmioTransport {
     }
 
     fn activation_failed(&mut self, e: String) {
-        log::error!("virtio-mmio: activation failed: {e}");
+        tracing::error!("virtio-mmio: activation failed: {e}");
         self.status |= status::DEVICE_NEEDS_RESET;
         self.irq.trigger(INT_CONFIG);
     }

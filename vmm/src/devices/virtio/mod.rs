@@ -8,7 +8,9 @@
 pub mod blk;
 pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod tap;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,6 +24,8 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
 /// Device type ids (virtio spec 5).
 pub mod device_type {
+    /// Network card.
+    pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
     /// Entropy source.
@@ -72,7 +76,7 @@ impl IrqTrigger {
     pub fn trigger(&self, bits: u32) {
         self.status.fetch_or(bits, Ordering::SeqCst);
         if let Err(e) = self.evt.write(1) {
-            log::error!("virtio: cannot raise interrupt: {e}");
+            tracing::error!("virtio: cannot raise interrupt: {e}");
         }
     }
 
@@ -169,7 +173,7 @@ where
         let head = chain.head_index();
         let len = handle(chain);
         if let Err(e) = queue.add_used(mem, head, len) {
-            log::error!("virtio: cannot return descriptor {head}: {e}");
+            tracing::error!("virtio: cannot return descriptor {head}: {e}");
         }
         used = true;
     }

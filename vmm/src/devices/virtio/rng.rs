@@ -44,7 +44,7 @@ impl Rng {
             };
             let mut buf = vec![0u8; w.available_bytes().min(MAX_REQUEST)];
             if let Err(e) = getrandom(&mut buf) {
-                log::error!("virtio-rng: getrandom: {e}");
+                tracing::error!("virtio-rng: getrandom: {e}");
                 return 0;
             }
             match w.write_all(&buf) {
@@ -112,7 +112,7 @@ impl MutEventSubscriber for Rng {
 
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.evts[0], EventSet::IN)) {
-            log::error!("virtio-rng: cannot register queue event: {e:?}");
+            tracing::error!("virtio-rng: cannot register queue event: {e:?}");
         }
     }
 }

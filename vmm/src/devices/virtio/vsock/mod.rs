@@ -78,7 +78,7 @@ impl Vsock {
                 Err(e) => guest_warn!("vsock: malformed TX packet: {e}"),
             }
             if let Err(e) = ctx.queues[TXQ].add_used(&mem, head, 0) {
-                log::error!("vsock: cannot return TX descriptor: {e}");
+                tracing::error!("vsock: cannot return TX descriptor: {e}");
             }
             used = true;
         }
@@ -113,7 +113,7 @@ impl Vsock {
                 }
             };
             if let Err(e) = ctx.queues[RXQ].add_used(&mem, head, len as u32) {
-                log::error!("vsock: cannot return RX descriptor: {e}");
+                tracing::error!("vsock: cannot return RX descriptor: {e}");
             }
             used = true;
         }
@@ -167,7 +167,7 @@ impl VirtioDevice for Vsock {
         // eventfd) closes them, since only it can unregister their fds.
         self.reset_pending = true;
         if let Err(e) = self.evts[EVQ].write(1) {
-            log::error!("vsock: cannot wake the event loop after a reset: {e}");
+            tracing::error!("vsock: cannot wake the event loop after a reset: {e}");
         }
     }
 }
@@ -189,7 +189,7 @@ impl MutEventSubscriber for Vsock {
         } else if self.muxer.owns(fd) {
             self.muxer.handle_event(fd, events.event_set(), ops);
         } else {
-            log::warn!("vsock: event for unknown fd {fd}");
+            tracing::warn!("vsock: event for unknown fd {fd}");
             let _ = ops.remove(events);
         }
         self.process_rx(ops);
@@ -198,7 +198,7 @@ impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
         for e in &self.evts {
             if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
-                log::error!("vsock: cannot register queue event: {err:?}");
+                tracing::error!("vsock: cannot register queue event: {err:?}");
             }
         }
         self.muxer.init(ops);

@@ -192,7 +192,7 @@ impl Muxer {
     /// Registers the listener with the event loop.
     pub fn init(&self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
-            log::error!("vsock: cannot register listener: {e:?}");
+            tracing::error!("vsock: cannot register listener: {e:?}");
         }
     }
 
@@ -222,7 +222,7 @@ impl Muxer {
             let fd = c.stream.as_raw_fd();
             self.by_fd.remove(&fd);
             if let Err(e) = ops.remove(Events::empty(&c.stream)) {
-                log::warn!("vsock: cannot unregister connection: {e:?}");
+                tracing::warn!("vsock: cannot unregister connection: {e:?}");
             }
         }
     }
@@ -270,12 +270,12 @@ impl Muxer {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if let Err(e) = stream.set_nonblocking(true) {
-                        log::warn!("vsock: dropping host connection: {e}");
+                        tracing::warn!("vsock: dropping host connection: {e}");
                         continue;
                     }
                     let ev = Events::new(&stream, EventSet::IN | EventSet::EDGE_TRIGGERED);
                     if let Err(e) = ops.add(ev) {
-                        log::warn!("vsock: cannot register host connection: {e:?}");
+                        tracing::warn!("vsock: cannot register host connection: {e:?}");
                         continue;
                     }
                     let fd = stream.as_raw_fd();
@@ -290,7 +290,7 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::warn!("vsock: accept: {e}");
+                    tracing::warn!("vsock: accept: {e}");
                     return;
                 }
             }
@@ -299,7 +299,7 @@ impl Muxer {
 
     fn drop_pending(&mut self, fd: RawFd, ops: &mut EventOps, why: &str) {
         if let Some(p) = self.pending.remove(&fd) {
-            log::warn!("vsock: closing host connection: {why}");
+            tracing::warn!("vsock: closing host connection: {why}");
             let _ = ops.remove(Events::empty(&p.stream));
         }
     }
@@ -337,7 +337,7 @@ impl Muxer {
         let events =
             EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         if let Err(e) = ops.modify(Events::new(&p.stream, events)) {
-            log::warn!("vsock: cannot watch host connection: {e:?}");
+            tracing::warn!("vsock: cannot watch host connection: {e:?}");
             let _ = ops.remove(Events::empty(&p.stream));
             return;
         }
@@ -367,7 +367,7 @@ impl Muxer {
             return;
         };
         if let Err(e) = c.flush() {
-            log::debug!("vsock: host socket for {key:?} broke: {e}");
+            tracing::debug!("vsock: host socket for {key:?} broke: {e}");
             return self.reset(key, ops);
         }
         if (c.fwd_cnt - c.fwd_cnt_sent).0 >= TX_BUF_SIZE / 4 {
@@ -461,7 +461,7 @@ impl Muxer {
                 self.queue_ctrl(key, op::RESPONSE);
             }
             Err(e) => {
-                log::debug!("vsock: guest connection to {path} refused: {e}");
+                tracing::debug!("vsock: guest connection to {path} refused: {e}");
                 self.queue_ctrl(key, op::RST);
             }
         }
@@ -560,7 +560,7 @@ impl Muxer {
                 Err(e) if e.kind() == ErrorKind::WouldBlock => c.readable = false,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::debug!("vsock: host socket for {key:?} broke: {e}");
+                    tracing::debug!("vsock: host socket for {key:?} broke: {e}");
                     let h = self.header(key, op::RST);
                     self.remove(key, ops);
                     return Some(write_packet(w, &h, &[]));
