@@ -289,7 +289,7 @@ pub struct Agent {
 
 fn umount(p: &Path) {
     if let Err(e) = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH) {
-        log::warn!("unmounting {}: {e}", p.display());
+        tracing::warn!("unmounting {}: {e}", p.display());
     }
     let _ = std::fs::remove_dir(p);
 }
@@ -299,13 +299,13 @@ impl Agent {
     pub fn new(reaper: Reaper, is_init: bool, state_dir: PathBuf) -> Self {
         let cgroups = match cgroup::find_cgroup2_root() {
             None => {
-                log::warn!("no cgroup2 hierarchy mounted: containers run without cgroups (no limits, stats, pause)");
+                tracing::warn!("no cgroup2 hierarchy mounted: containers run without cgroups (no limits, stats, pause)");
                 None
             }
             Some(root) => match cgroup::Manager::new(&root) {
                 Ok(m) => Some(m),
                 Err(e) => {
-                    log::warn!(
+                    tracing::warn!(
                         "cgroup v2 at {} unusable ({e}): containers run without cgroups",
                         root.display()
                     );
@@ -423,10 +423,18 @@ impl Agent {
                 return Err(AgentError::InvalidArgument(format!("DNS entry {s:?}")));
             }
         }
+        let net = crate::netconf::NetConfig::from_request(&req.interfaces, &req.routes)?;
+        if req.new_network_namespace && !net.is_empty() {
+            return Err(AgentError::InvalidArgument(
+                "interfaces/routes need new_network_namespace = false: a new namespace has only lo"
+                    .into(),
+            ));
+        }
         let mut guard = self.sandbox.lock().await;
         if let Some(sb) = guard.as_ref() {
             return Err(AgentError::AlreadyExists(format!("sandbox {:?}", sb.id)));
         }
+        net.apply().await?;
         let dir = self.layout.sandbox_dir(&req.sandbox_id);
         std::fs::create_dir_all(&dir).map_err(|source| AgentError::Io {
             what: format!("creating {}", dir.display()),
@@ -441,7 +449,7 @@ impl Agent {
         };
         match self.build_sandbox(&req, &mut sb).await {
             Ok(()) => {
-                log::info!(
+                tracing::info!(
                     "sandbox {:?} created (holder pid {:?})",
                     sb.id,
                     sb.holder.as_ref().map(|h| h.pid)
@@ -555,7 +563,7 @@ impl Agent {
         }
         if let Err(e) = std::fs::remove_dir_all(&sb.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("removing {}: {e}", sb.dir.display());
+                tracing::warn!("removing {}: {e}", sb.dir.display());
             }
         }
         if let Some(cg) = &self.cgroups {
@@ -575,7 +583,7 @@ impl Agent {
             .collect();
         for id in ids {
             if let Err(e) = self.remove_container(&id, true).await {
-                log::warn!("removing container {id:?}: {e}");
+                tracing::warn!("removing container {id:?}: {e}");
             }
         }
         let sb = guard
@@ -592,7 +600,7 @@ impl Agent {
         for p in vfs {
             umount(&p);
         }
-        log::info!("sandbox {:?} destroyed", sb.id);
+        tracing::info!("sandbox {:?} destroyed", sb.id);
         Ok(())
     }
 
@@ -600,7 +608,7 @@ impl Agent {
     pub async fn shutdown(&self) {
         if self.sandbox.lock().await.is_some() {
             if let Err(e) = self.destroy_sandbox().await {
-                log::warn!("shutdown: {e}");
+                tracing::warn!("shutdown: {e}");
             }
         }
     }
@@ -761,7 +769,7 @@ impl Agent {
             },
             None => {
                 if linux.resources().is_some() {
-                    log::warn!("container {id:?}: resources ignored, no cgroup v2");
+                    tracing::warn!("container {id:?}: resources ignored, no cgroup v2");
                 }
                 None
             }
@@ -782,7 +790,7 @@ impl Agent {
         }
         for ns in linux.namespaces().iter().flatten() {
             if ns.path().is_some() {
-                log::info!("container {id:?}: namespace path {:?} ignored; the sandbox's namespaces are used", ns.path());
+                tracing::info!("container {id:?}: namespace path {:?} ignored; the sandbox's namespaces are used", ns.path());
             }
             if ns.typ() == LinuxNamespaceType::Cgroup && cg.is_some() {
                 new_ns.push(Ns::Cgroup);
@@ -853,7 +861,7 @@ impl Agent {
                         w.changed().await;
                         let n = c.oom_kills();
                         if n > last {
-                            log::info!("container {id:?}: OOM kill (count {n})");
+                            tracing::info!("container {id:?}: OOM kill (count {n})");
                             if tx.send(id.clone()).is_err() {
                                 return;
                             }
@@ -878,7 +886,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), container.clone());
-        log::info!("container {id:?} created (pid {})", container.init.pid);
+        tracing::info!("container {id:?} created (pid {})", container.init.pid);
         Ok(())
     }
 
@@ -930,7 +938,7 @@ impl Agent {
         .map_err(|e| AgentError::FailedPrecondition(format!("start task: {e}")))?;
         res?;
         *c.state.lock().unwrap_or_else(|e| e.into_inner()) = State::Running;
-        log::info!("container {id:?} started");
+        tracing::info!("container {id:?} started");
         Ok(())
     }
 
@@ -973,7 +981,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(id);
-        log::info!("container {id:?} removed");
+        tracing::info!("container {id:?} removed");
         Ok(())
     }
 
@@ -1034,7 +1042,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(req.exec_id.clone(), p);
-        log::info!("container {:?}: exec {:?} started", c.id, req.exec_id);
+        tracing::info!("container {:?}: exec {:?} started", c.id, req.exec_id);
         Ok(())
     }
 

@@ -10,6 +10,7 @@ pub mod init;
 pub mod ipc;
 pub mod logger;
 pub mod net;
+pub mod netconf;
 pub mod pid1;
 pub mod reaper;
 pub mod seccomp;

@@ -10,7 +10,9 @@
 //!   server glue ([`agent_ttrpc::create_agent`]);
 //! * [`agent_ttrpc_async`]: the same for tokio;
 //! * [`connect`]: helpers that open a client over a plain Unix socket or over
-//!   a VMM's hybrid-vsock Unix socket (`CONNECT <port>\n` → `OK <n>\n`).
+//!   a VMM's hybrid-vsock Unix socket (`CONNECT <port>\n` → `OK <n>\n`);
+//! * [`net`]: the text forms of MAC addresses and IP prefixes used in
+//!   `CreateSandboxRequest`.
 //!
 //! The ttrpc version is the one `containerd-shim-protos` uses, so the shim
 //! links a single ttrpc.
@@ -34,6 +36,7 @@ pub mod agent_ttrpc_async {
 }
 
 pub mod connect;
+pub mod net;
 
 pub use protobuf;
 pub use ttrpc;

@@ -1,0 +1,828 @@
+//! Pod networking on the host: connects the pod's network namespace (made by
+//! CNI, named in the OCI spec) to the microVM, and undoes it.
+//!
+//! Model ("tc redirect", as Kata's default): inside the pod's netns, next to
+//! each veth-like interface CNI created, the shim creates a persistent tap
+//! `tap<N>_moat` with the veth's MTU, puts an ingress qdisc on both and a
+//! match-all u32 filter with a `mirred egress redirect` action on each, so
+//! every frame arriving on the veth leaves through the tap (into the VM) and
+//! every frame the VM sends leaves through the veth. moat-vmm joins the
+//! netns (`--netns`) and opens the taps (`--net tap=...,mac=<veth MAC>`);
+//! the guest interface takes the veth's MAC, addresses and routes, which the
+//! shim reads here and hands to the agent in `CreateSandbox`.
+//!
+//! What was created is recorded in `<state dir>/network.json`, so teardown
+//! ([`teardown_recorded`]) also works from `delete` after a crashed shim.
+//! Teardown deletes the taps (which drops their qdisc and filter) and the
+//! ingress qdiscs put on the veths (which drops their filters), leaving the
+//! netns as CNI made it. A failed setup undoes its own steps before
+//! returning.
+//!
+//! Netlink goes through the `rtnetlink` crate. Every operation runs on a
+//! dedicated thread that has joined the pod's netns (a netlink socket and a
+//! `/dev/net/tun` file belong to the netns of the thread that opens them), so
+//! the shim's tokio workers never change namespace.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use futures_util::TryStreamExt;
+use moat_protocol::agent as pb;
+use moat_protocol::net::Mac;
+use nix::sched::{setns, CloneFlags};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+};
+use rtnetlink::packet_route::tc::TcHandle;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tracing::{info, warn};
+
+/// Suffix of the taps the shim creates (`tap0_moat`, ...).
+pub const TAP_SUFFIX: &str = "_moat";
+/// File in the sandbox state directory that records what setup created.
+pub const RECORD_FILE: &str = "network.json";
+/// `ETH_P_ALL` in network byte order, as tc filters expect their protocol.
+const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+
+/// Errors setting up or reading the pod network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    /// The spec's network namespace entry is unusable.
+    #[error("OCI spec: network namespace path {0:?} must be absolute")]
+    RelativePath(String),
+    /// The netns file cannot be opened.
+    #[error("opening the pod network namespace {path}: {source}")]
+    OpenNetns {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A system call failed.
+    #[error("pod network {netns}: {what}: {source}")]
+    Sys {
+        /// The netns.
+        netns: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The errno.
+        #[source]
+        source: nix::Error,
+    },
+    /// A netlink request failed.
+    #[error("pod network {netns}: {what}: {source}")]
+    Netlink {
+        /// The netns.
+        netns: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The kernel's answer.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// The veth already has an ingress qdisc (some other tool shapes it).
+    #[error("pod network {netns}: {veth} already has an ingress qdisc; moat's tc redirect needs its own (remove it or drop the CNI plugin that adds it)")]
+    IngressTaken {
+        /// The netns.
+        netns: PathBuf,
+        /// The interface.
+        veth: String,
+    },
+    /// The record file cannot be written.
+    #[error("writing {path}: {source}")]
+    Record {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker thread died.
+    #[error("pod network {0}: the netns worker thread panicked")]
+    Worker(PathBuf),
+}
+
+/// The pod network namespace named by the OCI spec: the `path` of the
+/// `linux.namespaces` entry of type `network`. `None` when there is no such
+/// entry or it has no path (no pod network: the VM gets no NIC).
+pub fn netns_path(spec: &Value) -> Result<Option<PathBuf>, NetworkError> {
+    let Some(list) = spec.pointer("/linux/namespaces").and_then(Value::as_array) else {
+        return Ok(None);
+    };
+    let path = list
+        .iter()
+        .find(|ns| ns.get("type").and_then(Value::as_str) == Some("network"))
+        .and_then(|ns| ns.get("path"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if path.is_empty() {
+        return Ok(None);
+    }
+    if !path.starts_with('/') {
+        return Err(NetworkError::RelativePath(path.to_owned()));
+    }
+    Ok(Some(PathBuf::from(path)))
+}
+
+/// One veth bridged to one tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bridged {
+    /// The CNI interface.
+    pub veth: String,
+    /// The tap the shim created.
+    pub tap: String,
+    /// True once the shim added the veth's ingress qdisc.
+    pub veth_qdisc: bool,
+}
+
+/// What setup created in the netns (the content of [`RECORD_FILE`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The netns path.
+    pub netns: PathBuf,
+    /// The pairs, in VM NIC order.
+    pub links: Vec<Bridged>,
+}
+
+/// A set-up pod network.
+#[derive(Debug, Clone, Default)]
+pub struct PodNetwork {
+    /// What to undo.
+    pub record: Record,
+    /// moat-vmm's `--net` values, in order.
+    pub vmm_nets: Vec<String>,
+    /// Interfaces for the agent.
+    pub interfaces: Vec<pb::Interface>,
+    /// Routes for the agent.
+    pub routes: Vec<pb::Route>,
+}
+
+impl PodNetwork {
+    /// moat-vmm arguments: `--netns PATH` and one `--net` per interface
+    /// (nothing when the netns had no interface to bridge).
+    pub fn vmm_args(&self) -> Vec<OsString> {
+        if self.vmm_nets.is_empty() {
+            return Vec::new();
+        }
+        let mut args = vec![
+            OsString::from("--netns"),
+            self.record.netns.clone().into_os_string(),
+        ];
+        for n in &self.vmm_nets {
+            args.push("--net".into());
+            args.push(n.into());
+        }
+        args
+    }
+}
+
+/// Runs `f` on a fresh thread inside the netns at `path`, with a
+/// current-thread tokio runtime and an rtnetlink handle of that netns.
+fn in_netns<T, F, Fut>(path: &Path, f: F) -> Result<T, NetworkError>
+where
+    T: Send + 'static,
+    F: FnOnce(Handle) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, NetworkError>>,
+{
+    let file = File::open(path).map_err(|source| NetworkError::OpenNetns {
+        path: path.to_owned(),
+        source,
+    })?;
+    let netns = path.to_owned();
+    let netns2 = netns.clone();
+    let worker = std::thread::Builder::new()
+        .name("moat-netns".into())
+        .spawn(move || {
+            let sys = |what: &str| {
+                let netns = netns.clone();
+                let what = what.to_owned();
+                move |source| NetworkError::Sys {
+                    netns,
+                    what,
+                    source,
+                }
+            };
+            setns(&file, CloneFlags::CLONE_NEWNET).map_err(sys("joining the netns"))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .map_err(|e| {
+                    sys("starting a runtime")(nix::Error::from_raw(
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                    ))
+                })?;
+            rt.block_on(async move {
+                let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| {
+                    sys("opening an rtnetlink socket")(nix::Error::from_raw(
+                        e.raw_os_error().unwrap_or(libc::EIO),
+                    ))
+                })?;
+                let conn = tokio::spawn(conn);
+                let res = f(handle).await;
+                conn.abort();
+                res
+            })
+        })
+        .map_err(|e| NetworkError::Sys {
+            netns: netns2.clone(),
+            what: "spawning the netns worker thread".into(),
+            source: nix::Error::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)),
+        })?;
+    worker.join().map_err(|_| NetworkError::Worker(netns2))?
+}
+
+/// Sets up the pod network in the netns at `netns` and records it in
+/// `state_dir`. On error nothing is left in the netns.
+pub async fn setup(netns: &Path, state_dir: &Path) -> Result<PodNetwork, NetworkError> {
+    let netns = netns.to_owned();
+    let record_path = state_dir.join(RECORD_FILE);
+    let net = {
+        let netns2 = netns.clone();
+        tokio::task::spawn_blocking(move || setup_blocking(&netns2))
+            .await
+            .map_err(|_| NetworkError::Worker(netns.clone()))??
+    };
+    let json = serde_json::to_vec_pretty(&net.record).expect("a Record serializes");
+    if let Err(source) = std::fs::write(&record_path, json) {
+        teardown(&net.record);
+        return Err(NetworkError::Record {
+            path: record_path,
+            source,
+        });
+    }
+    info!(
+        "pod network {}: bridged {:?}",
+        netns.display(),
+        net.record.links
+    );
+    Ok(net)
+}
+
+fn setup_blocking(netns: &Path) -> Result<PodNetwork, NetworkError> {
+    let path = netns.to_owned();
+    in_netns(netns, move |handle| async move {
+        let mut net = PodNetwork {
+            record: Record {
+                netns: path.clone(),
+                links: Vec::new(),
+            },
+            ..Default::default()
+        };
+        match bridge_all(&handle, &path, &mut net).await {
+            Ok(()) => Ok(net),
+            Err(e) => {
+                undo(&handle, &net.record).await;
+                Err(e)
+            }
+        }
+    })
+}
+
+/// A link as listed.
+struct Link {
+    index: u32,
+    name: String,
+    mac: Option<Mac>,
+    mtu: u32,
+    kind: Option<InfoKind>,
+    loopback: bool,
+}
+
+fn link_of(m: &LinkMessage) -> Link {
+    let mut l = Link {
+        index: m.header.index,
+        name: String::new(),
+        mac: None,
+        mtu: 0,
+        kind: None,
+        loopback: m.header.flags.contains(LinkFlags::Loopback),
+    };
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::IfName(n) => l.name = n.clone(),
+            LinkAttribute::Address(b) => l.mac = Mac::from_bytes(b),
+            LinkAttribute::Mtu(v) => l.mtu = *v,
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        l.kind = Some(k.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    l
+}
+
+async fn links(handle: &Handle, netns: &Path) -> Result<Vec<Link>, NetworkError> {
+    let msgs: Vec<LinkMessage> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(netns, "listing interfaces"))?;
+    let mut out: Vec<Link> = msgs.iter().map(link_of).collect();
+    out.sort_by_key(|l| l.index);
+    Ok(out)
+}
+
+fn nl(netns: &Path, what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetworkError {
+    let netns = netns.to_owned();
+    let what = what.into();
+    move |source| NetworkError::Netlink {
+        netns,
+        what,
+        source,
+    }
+}
+
+fn errno_of(e: &rtnetlink::Error) -> i32 {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => m.raw_code().abs(),
+        _ => 0,
+    }
+}
+
+/// True for an interface to bridge: an Ethernet-like device (has a MAC),
+/// not loopback and not a tun/tap (ours or anyone's).
+fn bridgeable(l: &Link) -> bool {
+    !l.loopback
+        && l.mac.is_some()
+        && !matches!(l.kind, Some(InfoKind::Tun))
+        && !l.name.ends_with(TAP_SUFFIX)
+}
+
+async fn bridge_all(
+    handle: &Handle,
+    netns: &Path,
+    net: &mut PodNetwork,
+) -> Result<(), NetworkError> {
+    let all = links(handle, netns).await?;
+    for (n, veth) in all.iter().filter(|l| bridgeable(l)).enumerate() {
+        let tap = format!("tap{n}{TAP_SUFFIX}");
+        let mac = veth.mac.expect("bridgeable links have a MAC");
+        create_tap(netns, &tap)?;
+        net.record.links.push(Bridged {
+            veth: veth.name.clone(),
+            tap: tap.clone(),
+            veth_qdisc: false,
+        });
+        let tap_index = handle
+            .link()
+            .get()
+            .match_name(tap.clone())
+            .execute()
+            .try_next()
+            .await
+            .map_err(nl(netns, format!("looking up {tap}")))?
+            .map(|m| m.header.index)
+            .ok_or_else(|| NetworkError::Netlink {
+                netns: netns.to_owned(),
+                what: format!("looking up {tap}"),
+                source: rtnetlink::Error::RequestFailed,
+            })?;
+        handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(tap_index)
+                    .mtu(veth.mtu)
+                    .up()
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(netns, format!("setting {tap} up with MTU {}", veth.mtu)))?;
+        match add_ingress(handle, veth.index).await {
+            Ok(()) => {
+                if let Some(last) = net.record.links.last_mut() {
+                    last.veth_qdisc = true;
+                }
+            }
+            Err(e) if errno_of(&e) == libc::EEXIST => {
+                return Err(NetworkError::IngressTaken {
+                    netns: netns.to_owned(),
+                    veth: veth.name.clone(),
+                })
+            }
+            Err(e) => {
+                return Err(nl(
+                    netns,
+                    format!("adding an ingress qdisc to {}", veth.name),
+                )(e))
+            }
+        }
+        add_ingress(handle, tap_index)
+            .await
+            .map_err(nl(netns, format!("adding an ingress qdisc to {tap}")))?;
+        redirect(handle, veth.index, tap_index)
+            .await
+            .map_err(nl(netns, format!("redirecting {} to {tap}", veth.name)))?;
+        redirect(handle, tap_index, veth.index)
+            .await
+            .map_err(nl(netns, format!("redirecting {tap} to {}", veth.name)))?;
+
+        net.vmm_nets.push(format!("tap={tap},mac={mac}"));
+        net.interfaces.push(pb::Interface {
+            name: veth.name.clone(),
+            mac: mac.to_string(),
+            addresses: addresses(handle, netns, veth.index).await?,
+            mtu: veth.mtu,
+            ..Default::default()
+        });
+        net.routes
+            .extend(routes(handle, netns, veth.index, &veth.name).await?);
+    }
+    Ok(())
+}
+
+async fn add_ingress(handle: &Handle, index: u32) -> Result<(), rtnetlink::Error> {
+    handle.qdisc().add(index as i32).ingress().execute().await
+}
+
+async fn redirect(handle: &Handle, from: u32, to: u32) -> Result<(), rtnetlink::Error> {
+    handle
+        .traffic_filter(from as i32)
+        .add()
+        .ingress()
+        .protocol(ETH_P_ALL_BE)
+        .redirect(to)?
+        .execute()
+        .await
+}
+
+/// The veth's global addresses (link-local ones are the guest kernel's own
+/// business: it derives them from the same MAC).
+async fn addresses(
+    handle: &Handle,
+    netns: &Path,
+    index: u32,
+) -> Result<Vec<pb::IpAddress>, NetworkError> {
+    let msgs: Vec<_> = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(netns, "listing addresses"))?;
+    let mut out = Vec::new();
+    for m in msgs {
+        if m.header.index != index {
+            continue;
+        }
+        // IFA_LOCAL is the interface's own address on point-to-point links;
+        // IFA_ADDRESS elsewhere.
+        let addr = m
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            })
+            .or_else(|| {
+                m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+        if let Some(ip) = addr.filter(|ip| !is_link_local(ip)) {
+            out.push(pb::IpAddress {
+                address: ip.to_string(),
+                prefix_length: m.header.prefix_len.into(),
+                ..Default::default()
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// The veth's routes in the main table that CNI (or anyone but the kernel)
+/// added: connected routes come back by themselves when the guest adds the
+/// addresses.
+async fn routes(
+    handle: &Handle,
+    netns: &Path,
+    index: u32,
+    device: &str,
+) -> Result<Vec<pb::Route>, NetworkError> {
+    let mut msgs: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(netns, "listing IPv4 routes"))?;
+    let v6: Vec<RouteMessage> = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv6Addr>::new().build())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(nl(netns, "listing IPv6 routes"))?;
+    msgs.extend(v6);
+    Ok(msgs
+        .iter()
+        .filter_map(|m| route_of(m, index, device))
+        .collect())
+}
+
+/// The agent's view of one route through interface `index`, if it is one
+/// to copy.
+fn route_of(m: &RouteMessage, index: u32, device: &str) -> Option<pb::Route> {
+    let h = &m.header;
+    let table = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(h.table.into());
+    if table != u32::from(rtnetlink::packet_route::route::RouteHeader::RT_TABLE_MAIN)
+        || h.kind != RouteType::Unicast
+        || h.protocol == RouteProtocol::Kernel
+    {
+        return None;
+    }
+    let mut oif = None;
+    let mut dest = None;
+    let mut gateway = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Destination(d) => dest = ip_of(d),
+            RouteAttribute::Gateway(g) => gateway = ip_of(g),
+            _ => {}
+        }
+    }
+    if oif != Some(index) {
+        return None;
+    }
+    let destination = match dest {
+        Some(d) if h.destination_prefix_length > 0 => {
+            format!("{d}/{}", h.destination_prefix_length)
+        }
+        _ => String::new(),
+    };
+    if gateway.as_ref().is_some_and(is_link_local) && destination.is_empty() {
+        // An IPv6 default route via the router's link-local address is
+        // learnt from router advertisements; the guest learns it too.
+        return None;
+    }
+    Some(pb::Route {
+        destination,
+        gateway: gateway.map(|g| g.to_string()).unwrap_or_default(),
+        device: device.to_owned(),
+        scope: u8::from(h.scope).into(),
+        ..Default::default()
+    })
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: name, flags, padding to the union's size.
+#[repr(C)]
+struct TunIfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// Creates the persistent tap `name` in the calling thread's netns
+/// (single queue, as moat-vmm opens it).
+fn create_tap(netns: &Path, name: &str) -> Result<(), NetworkError> {
+    let sys = |what: String| {
+        let netns = netns.to_owned();
+        move |source| NetworkError::Sys {
+            netns,
+            what,
+            source,
+        }
+    };
+    let tun = File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")
+        .map_err(|e| {
+            sys("opening /dev/net/tun".into())(nix::Error::from_raw(
+                e.raw_os_error().unwrap_or(libc::EIO),
+            ))
+        })?;
+    let mut req = TunIfReq {
+        name: [0; libc::IFNAMSIZ],
+        flags: (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short,
+        _pad: [0; 22],
+    };
+    for (d, s) in req
+        .name
+        .iter_mut()
+        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
+    {
+        *d = s as libc::c_char;
+    }
+    // SAFETY: TUNSETIFF reads and writes one ifreq-sized struct; `req` is one.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+        return Err(sys(format!("creating tap {name} (TUNSETIFF)"))(
+            nix::Error::last(),
+        ));
+    }
+    // SAFETY: TUNSETPERSIST takes an integer argument by value.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(sys(format!("making tap {name} persistent"))(
+            nix::Error::last(),
+        ));
+    }
+    Ok(())
+}
+
+/// Undoes a record from inside its netns; errors are logged (and "already
+/// gone" is success): teardown goes as far as it can.
+async fn undo(handle: &Handle, record: &Record) {
+    let Ok(all) = links(handle, &record.netns).await else {
+        warn!(
+            "pod network {}: cannot list interfaces for teardown",
+            record.netns.display()
+        );
+        return;
+    };
+    for b in &record.links {
+        if b.veth_qdisc {
+            if let Some(v) = all.iter().find(|l| l.name == b.veth) {
+                let mut req = handle.qdisc().del(v.index as i32);
+                req.message_mut().header.parent = TcHandle::INGRESS;
+                if let Err(e) = req.execute().await {
+                    if ![libc::ENOENT, libc::EINVAL].contains(&errno_of(&e)) {
+                        warn!(
+                            "pod network {}: removing the ingress qdisc of {}: {e}",
+                            record.netns.display(),
+                            b.veth
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(t) = all.iter().find(|l| l.name == b.tap) {
+            if let Err(e) = handle.link().del(t.index).execute().await {
+                if errno_of(&e) != libc::ENODEV {
+                    warn!(
+                        "pod network {}: deleting {}: {e}",
+                        record.netns.display(),
+                        b.tap
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Undoes `record` (the VMM must be gone: it holds the taps open). A netns
+/// that no longer exists has nothing to undo.
+pub fn teardown(record: &Record) {
+    if record.links.is_empty() {
+        return;
+    }
+    let r = record.clone();
+    match in_netns(&record.netns, move |handle| async move {
+        undo(&handle, &r).await;
+        Ok(())
+    }) {
+        Ok(()) => info!("pod network {}: torn down", record.netns.display()),
+        Err(NetworkError::OpenNetns { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("{e}"),
+    }
+}
+
+/// Undoes what the record file in `state_dir` names, then removes the file.
+pub fn teardown_recorded(state_dir: &Path) {
+    let path = state_dir.join(RECORD_FILE);
+    let Ok(bytes) = std::fs::read(&path) else {
+        return;
+    };
+    match serde_json::from_slice::<Record>(&bytes) {
+        Ok(record) => teardown(&record),
+        Err(e) => warn!("{}: {e}; pod network not torn down", path.display()),
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn netns_path_from_the_spec() {
+        let spec = |ns: Value| json!({"linux": {"namespaces": ns}});
+        assert_eq!(
+            netns_path(&spec(json!([
+                {"type": "pid"},
+                {"type": "network", "path": "/var/run/netns/cni-1234"}
+            ])))
+            .unwrap(),
+            Some(PathBuf::from("/var/run/netns/cni-1234"))
+        );
+        assert_eq!(
+            netns_path(&spec(json!([{"type": "network"}]))).unwrap(),
+            None
+        );
+        assert_eq!(
+            netns_path(&spec(json!([{"type": "network", "path": ""}]))).unwrap(),
+            None
+        );
+        assert_eq!(netns_path(&spec(json!([{"type": "pid"}]))).unwrap(), None);
+        assert_eq!(netns_path(&json!({})).unwrap(), None);
+        assert!(matches!(
+            netns_path(&spec(json!([{"type": "network", "path": "netns/x"}]))),
+            Err(NetworkError::RelativePath(p)) if p == "netns/x"
+        ));
+    }
+
+    #[test]
+    fn vmm_args_name_the_netns_then_each_tap() {
+        let mut net = PodNetwork::default();
+        assert!(net.vmm_args().is_empty());
+        net.record.netns = "/run/netns/p".into();
+        net.vmm_nets = vec![
+            "tap=tap0_moat,mac=02:00:00:00:00:01".into(),
+            "tap=tap1_moat,mac=02:00:00:00:00:02".into(),
+        ];
+        assert_eq!(
+            net.vmm_args(),
+            [
+                "--netns",
+                "/run/netns/p",
+                "--net",
+                "tap=tap0_moat,mac=02:00:00:00:00:01",
+                "--net",
+                "tap=tap1_moat,mac=02:00:00:00:00:02"
+            ]
+            .map(OsString::from)
+        );
+    }
+
+    #[test]
+    fn routes_copied_are_the_non_kernel_main_table_ones_of_the_device() {
+        let msg = |dest: Option<(IpAddr, u8)>, gw: Option<IpAddr>, oif: u32, proto| {
+            let mut m = RouteMessage::default();
+            m.header.table = 254;
+            m.header.kind = RouteType::Unicast;
+            m.header.protocol = proto;
+            if let Some((d, len)) = dest {
+                m.header.destination_prefix_length = len;
+                m.attributes.push(RouteAttribute::Destination(d.into()));
+            }
+            if let Some(g) = gw {
+                m.attributes.push(RouteAttribute::Gateway(g.into()));
+            }
+            m.attributes.push(RouteAttribute::Oif(oif));
+            m
+        };
+        let gw: IpAddr = "10.88.0.1".parse().unwrap();
+        let r = route_of(&msg(None, Some(gw), 3, RouteProtocol::Static), 3, "eth0").unwrap();
+        assert_eq!(
+            (r.destination.as_str(), r.gateway.as_str()),
+            ("", "10.88.0.1")
+        );
+        assert_eq!(r.device, "eth0");
+        let net: IpAddr = "10.0.0.0".parse().unwrap();
+        let r = route_of(
+            &msg(Some((net, 8)), None, 3, RouteProtocol::Boot),
+            3,
+            "eth0",
+        )
+        .unwrap();
+        assert_eq!(r.destination, "10.0.0.0/8");
+        // Connected route, another device, another table, RA default route.
+        assert!(route_of(&msg(Some((net, 8)), None, 3, RouteProtocol::Kernel), 3, "e").is_none());
+        assert!(route_of(&msg(None, Some(gw), 4, RouteProtocol::Static), 3, "e").is_none());
+        let mut local = msg(None, Some(gw), 3, RouteProtocol::Static);
+        local.header.table = 255;
+        assert!(route_of(&local, 3, "e").is_none());
+        let ll: IpAddr = "fe80::1".parse().unwrap();
+        assert!(route_of(&msg(None, Some(ll), 3, RouteProtocol::Ra), 3, "e").is_none());
+    }
+}
