@@ -4,9 +4,16 @@
 
 #[tokio::main]
 async fn main() {
+    // moat-vmm is the shim's child and tokio waits for it. The library's reaper (`waitpid(-1)` on
+    // SIGCHLD) would take its exit status first, and the library sets its signal handling up
+    // before `Shim::new` runs, so "no reaper" must be said here.
+    let config = containerd_shim::Config {
+        no_reaper: true,
+        ..Default::default()
+    };
     containerd_shim::asynchronous::run::<moat_shim::service::Service>(
         "io.containerd.moat.v2",
-        None,
+        Some(config),
     )
     .await;
 }

@@ -8,12 +8,16 @@
 //! `/run/moat/virtiofs/moatfs/<id>/…`.
 
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use containerd_shim_protos::api::Mount;
-use log::warn;
+use nix::fcntl::{openat, OFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{mkdirat, Mode};
 use serde_json::Value;
+use tracing::warn;
 
 use crate::sandbox::Sandbox;
 
@@ -61,9 +65,82 @@ pub fn check_id(id: &str) -> Result<(), RootfsError> {
     }
 }
 
+/// A directory or file the shim created below the shared directory, held open: mounting on
+/// [`Pinned::path`] (`/proc/self/fd/<n>`) lands on exactly that inode. The guest can write the
+/// shared directory, so a path there may have been swapped for a symlink to a host path by the
+/// time the shim mounts on it; an fd cannot be.
+struct Pinned {
+    fd: OwnedFd,
+    /// The ordinary path, for messages.
+    shown: PathBuf,
+}
+
+impl Pinned {
+    /// Opens `dir`, which must be a real directory (not a symlink).
+    fn open_dir(dir: &Path) -> Result<Self, RootfsError> {
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir)
+            .map_err(io_err("open", dir))?;
+        Ok(Self {
+            fd: file.into(),
+            shown: dir.to_owned(),
+        })
+    }
+
+    /// Opens the existing directory `name` inside this one without following a symlink.
+    fn open_child_dir(&self, name: &str) -> Result<Self, RootfsError> {
+        self.at(
+            name,
+            OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+    }
+
+    /// Creates directory `name` inside this one; an existing entry of that name is an error.
+    fn new_dir(&self, name: &str) -> Result<Self, RootfsError> {
+        mkdirat(
+            Some(self.fd.as_raw_fd()),
+            name,
+            Mode::from_bits_truncate(0o755),
+        )
+        .map_err(|errno| io_err("create", &self.shown.join(name))(errno.into()))?;
+        self.open_child_dir(name)
+    }
+
+    /// Creates the empty file `name` inside this one; an existing entry is an error.
+    fn new_file(&self, name: &str) -> Result<Self, RootfsError> {
+        self.at(
+            name,
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_WRONLY,
+            Mode::from_bits_truncate(0o644),
+        )
+    }
+
+    fn at(&self, name: &str, flags: OFlag, mode: Mode) -> Result<Self, RootfsError> {
+        let shown = self.shown.join(name);
+        let fd = openat(
+            Some(self.fd.as_raw_fd()),
+            name,
+            flags | OFlag::O_CLOEXEC,
+            mode,
+        )
+        .map_err(|errno| io_err("open", &shown)(errno.into()))?;
+        // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Self { fd, shown })
+    }
+
+    /// The path a mount(2) in this process (or a child forked from it) can target.
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
 /// Mounts the container's rootfs at `<shared>/<id>/rootfs`: containerd's snapshot mounts when
 /// given, otherwise a bind of the bundle's `rootfs/`. Returns the path relative to the shared
-/// directory.
+/// directory. `<shared>/<id>` must not exist yet (the guest may have planted it).
 pub fn mount_rootfs(
     shared: &Path,
     id: &str,
@@ -71,8 +148,8 @@ pub fn mount_rootfs(
     mounts: &[Mount],
 ) -> Result<String, RootfsError> {
     check_id(id)?;
-    let target = shared.join(id).join("rootfs");
-    fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+    let rootfs = Pinned::open_dir(shared)?.new_dir(id)?.new_dir("rootfs")?;
+    let target = rootfs.path();
     if mounts.is_empty() {
         let src = bundle.join("rootfs");
         bind(&src, &target)?;
@@ -81,7 +158,7 @@ pub fn mount_rootfs(
             let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
             let source = (!m.source.is_empty()).then_some(m.source.as_str());
             containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target).map_err(
-                |e| RootfsError::Rootfs(format!("{} on {}: {e}", m.type_, target.display())),
+                |e| RootfsError::Rootfs(format!("{} on {}: {e}", m.type_, rootfs.shown.display())),
             )?;
         }
     }
@@ -129,6 +206,8 @@ pub fn guest_spec(shared: &Path, id: &str, bundle: &Path) -> Result<Vec<u8>, Roo
     }
 
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        // Created on first use, by fd (see [`Pinned`]).
+        let mut mounts_dir: Option<Pinned> = None;
         for (n, m) in mounts.iter_mut().enumerate() {
             let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
                 || m.get("options")
@@ -142,28 +221,29 @@ pub fn guest_spec(shared: &Path, id: &str, bundle: &Path) -> Result<Vec<u8>, Roo
             }
             let meta = fs::metadata(&src).map_err(io_err("bind-mount source", &src))?;
             let rel = format!("{id}/mounts/{n}");
-            let target = shared.join(&rel);
-            if meta.is_dir() {
-                fs::create_dir_all(&target).map_err(io_err("create", &target))?;
+            let dir = match mounts_dir.take() {
+                Some(d) => d,
+                None => Pinned::open_dir(shared)?
+                    .open_child_dir(id)?
+                    .new_dir("mounts")?,
+            };
+            let name = n.to_string();
+            let target = if meta.is_dir() {
+                dir.new_dir(&name)?
             } else {
-                if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent).map_err(io_err("create", parent))?;
-                }
-                fs::write(&target, b"").map_err(io_err("create", &target))?;
-            }
-            bind(&src, &target)?;
+                dir.new_file(&name)?
+            };
+            mounts_dir = Some(dir);
+            bind(&src, &target.path())?;
             m["source"] = Value::String(Sandbox::guest_path(&rel));
         }
     }
     serde_json::to_vec(&spec).map_err(|e| RootfsError::Spec(e.to_string()))
 }
 
-/// Unmounts everything mounted at or below `dir` (deepest first, lazily) — container rootfs,
-/// bind sources — so the directory can be removed.
-pub fn unmount_below(dir: &Path) {
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
+/// Mount points at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Option<Vec<PathBuf>> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let mut targets: Vec<PathBuf> = mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -173,11 +253,37 @@ pub fn unmount_below(dir: &Path) {
         .collect();
     targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     targets.dedup();
+    Some(targets)
+}
+
+/// Unmounts everything mounted at or below `dir` (deepest first, lazily) — container rootfs,
+/// bind sources — so the directory can be removed. Returns false if something is still mounted
+/// there afterwards (or the mount table is unreadable): removing the directory would then reach
+/// into the host files behind a bind mount, so callers must leave it.
+pub fn unmount_below(dir: &Path) -> bool {
+    let Some(targets) = mounts_below(dir) else {
+        warn!(
+            "cannot read /proc/self/mountinfo; leaving {}",
+            dir.display()
+        );
+        return false;
+    };
     for t in targets {
         if let Err(e) = umount2(&t, MntFlags::MNT_DETACH) {
             if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
                 warn!("unmount {}: {e}", t.display());
             }
+        }
+    }
+    match mounts_below(dir) {
+        Some(left) if left.is_empty() => true,
+        left => {
+            warn!(
+                "still mounted below {}: {:?}; leaving it in place",
+                dir.display(),
+                left.unwrap_or_default()
+            );
+            false
         }
     }
 }
@@ -188,7 +294,9 @@ pub fn remove_container_files(shared: &Path, id: &str) {
         return;
     }
     let dir = shared.join(id);
-    unmount_below(&dir);
+    if !unmount_below(&dir) {
+        return;
+    }
     if let Err(e) = fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!("remove {}: {e}", dir.display());
@@ -259,6 +367,48 @@ mod tests {
         assert_eq!(ns.len(), 1);
         assert_eq!(ns[0]["type"], "pid");
         assert_eq!(out["mounts"][0]["source"], "proc");
+    }
+
+    /// The guest can write the shared directory: entries it plants where the shim is about to
+    /// create a container's files must not redirect the shim's mounts onto host paths.
+    #[test]
+    fn entries_planted_in_the_shared_directory_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        let outside = tmp.path().join("host-dir");
+        fs::create_dir_all(&shared).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        let bundle = tmp.path().join("bundle");
+        fs::create_dir_all(bundle.join("rootfs")).unwrap();
+
+        // `<shared>/<id>` planted as a symlink to a host directory.
+        std::os::unix::fs::symlink(&outside, shared.join("c1")).unwrap();
+        let err = mount_rootfs(&shared, "c1", &bundle, &[]).unwrap_err();
+        assert!(err.to_string().contains("c1"), "{err}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+
+        // `<shared>/<id>/mounts` planted as a symlink: the bind targets are not created there.
+        fs::create_dir_all(shared.join("c2")).unwrap();
+        std::os::unix::fs::symlink(&outside, shared.join("c2/mounts")).unwrap();
+        let source = tmp.path().join("source-file");
+        fs::write(&source, b"x").unwrap();
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/x", "type": "bind", "source": source, "options": ["rbind"]}
+        ]});
+        fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        let err = guest_spec(&shared, "c2", &bundle).unwrap_err();
+        assert!(err.to_string().contains("mounts"), "{err}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+
+        // `<shared>/<id>` itself replaced by a symlink before the bind mounts are prepared.
+        std::os::unix::fs::symlink(&outside, shared.join("c3")).unwrap();
+        let err = guest_spec(&shared, "c3", &bundle).unwrap_err();
+        assert!(err.to_string().contains("c3"), "{err}");
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+
+        // Removing the planted entries removes the links, not what they point at.
+        remove_container_files(&shared, "c1");
+        assert!(!shared.join("c1").exists() && outside.is_dir());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! | `console.log` | the guest's serial console |
 //! | `vsock.sock` | moat-vmm's hybrid vsock socket (`CONNECT 1024` reaches the agent) |
 //! | `api.sock` | moat-vmm's control socket |
+//! | `network.json` | what [`crate::network`] created in the pod's netns (undone by [`cleanup_state`]) |
 //! | `shared/` | shared into the guest as virtio-fs tag [`SHARED_FS_TAG`]; holds each container's rootfs at `<container-id>/rootfs` |
 
 use std::path::{Path, PathBuf};
@@ -17,7 +18,6 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use log::{info, warn};
 use moat_protocol::agent::{CreateSandboxRequest, DestroySandboxRequest, VersionRequest};
 use moat_protocol::agent_ttrpc_async::AgentClient;
 use moat_protocol::connect::{self, AgentAddress, ConnectError};
@@ -27,8 +27,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::Command;
 use tokio::sync::watch;
+use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::network;
 
 /// virtio-fs tag of the per-pod shared directory.
 pub const SHARED_FS_TAG: &str = "moatfs";
@@ -55,10 +57,12 @@ pub enum SandboxError {
         #[source]
         source: std::io::Error,
     },
-    #[error("sandbox {id}: moat-vmm exited ({status}) before the agent answered; its last output:\n{tail}")]
+    #[error("sandbox {id}: moat-vmm exited ({status}) before the agent answered; check {images}; its last output:\n{tail}")]
     VmmDied {
         id: String,
         status: String,
+        /// The guest images it was given, named for the reader.
+        images: String,
         tail: String,
     },
     #[error("sandbox {id}: the guest agent did not answer: {source}; the guest console ended with:\n{tail}")]
@@ -75,6 +79,12 @@ pub enum SandboxError {
         #[source]
         source: moat_protocol::ttrpc::Error,
     },
+    #[error("sandbox {id}: {source}")]
+    Network {
+        id: String,
+        #[source]
+        source: Box<crate::network::NetworkError>,
+    },
     #[error("sandbox {id}: agent speaks protocol {agent}, this shim speaks {shim}: install matching moat-agent and shim")]
     ProtocolMismatch { id: String, agent: u32, shim: u32 },
 }
@@ -85,6 +95,9 @@ pub struct SandboxSpec {
     pub namespace: String,
     pub id: String,
     pub hostname: String,
+    /// The pod's network namespace ([`crate::network::netns_path`] of the spec); `None`: the VM
+    /// gets no NIC.
+    pub netns: Option<PathBuf>,
 }
 
 /// A running pod VM with a connected agent.
@@ -137,6 +150,17 @@ impl Sandbox {
         }
         let shared = dir.join("shared");
         std::fs::create_dir_all(&shared).map_err(io(&format!("create {}", shared.display())))?;
+        // Recorded in the state directory: cleanup_state undoes it.
+        let net = match &spec.netns {
+            Some(netns) => network::setup(netns, &dir).await.map_err(|source| {
+                cleanup_state(&dir);
+                SandboxError::Network {
+                    id: id.clone(),
+                    source: Box::new(source),
+                }
+            })?,
+            None => network::PodNetwork::default(),
+        };
 
         let log_path = dir.join("vmm.log");
         let console = dir.join("console.log");
@@ -149,11 +173,15 @@ impl Sandbox {
         } else {
             "quiet"
         });
+        // The kernel hands unknown KEY=value words to init (the agent) as environment.
+        cmdline.push_str(" MOAT_AGENT_LOG=");
+        cmdline.push_str(&config.log_level);
         if !config.kernel_params.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&config.kernel_params);
         }
         let mut cmd = Command::new(&config.vmm);
+        cmd.env("MOAT_VMM_LOG", &config.log_level);
         cmd.arg("--kernel")
             .arg(&config.kernel)
             .arg("--initrd")
@@ -172,11 +200,15 @@ impl Sandbox {
             .arg(format!("{SHARED_FS_TAG}={}", shared.display()))
             .arg("--api-sock")
             .arg(dir.join("api.sock"))
+            .args(net.vmm_args())
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
         info!("sandbox {id}: starting {cmd:?}");
-        let mut child = cmd.spawn().map_err(io("start moat-vmm"))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            cleanup_state(&dir);
+            io("start moat-vmm")(e)
+        })?;
         let vmm_pid = child.id().unwrap_or(0);
         std::fs::write(dir.join("vmm.pid"), vmm_pid.to_string()).map_err(io("write vmm.pid"))?;
 
@@ -211,7 +243,16 @@ impl Sandbox {
             status = wait_exit(vmm_exit.clone()) => {
                 let tail = format!("{}{}", tail_of(&log_path), tail_of(&console));
                 cleanup_state(&dir);
-                return Err(SandboxError::VmmDied { id, status, tail });
+                return Err(SandboxError::VmmDied {
+                    id,
+                    status,
+                    images: format!(
+                        "the kernel {} and the initramfs {}",
+                        config.kernel.display(),
+                        config.initrd.display()
+                    ),
+                    tail,
+                });
             }
         };
 
@@ -241,6 +282,8 @@ impl Sandbox {
         let req = CreateSandboxRequest {
             sandbox_id: id.clone(),
             hostname: spec.hostname.clone(),
+            interfaces: net.interfaces,
+            routes: net.routes,
             ..Default::default()
         };
         if let Err(source) = sandbox
@@ -348,7 +391,8 @@ async fn wait_exit(mut rx: watch::Receiver<Option<String>>) -> String {
 }
 
 /// Removes a sandbox state directory after killing a moat-vmm named by its `vmm.pid` (if it still
-/// runs) and unmounting everything below it. Used by normal teardown and by `delete` after a dead
+/// runs), undoing its pod network ([`network::teardown_recorded`]) and unmounting everything
+/// below it. Used by normal teardown and by `delete` after a dead
 /// shim. Errors are logged: cleanup goes as far as it can.
 pub fn cleanup_state(dir: &Path) {
     if let Ok(pid) = std::fs::read_to_string(dir.join("vmm.pid")) {
@@ -359,7 +403,10 @@ pub fn cleanup_state(dir: &Path) {
             }
         }
     }
-    crate::rootfs::unmount_below(dir);
+    network::teardown_recorded(dir);
+    if !crate::rootfs::unmount_below(dir) {
+        return;
+    }
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!("cannot remove {}: {e}", dir.display());

@@ -25,11 +25,11 @@ use containerd_shim_protos::protobuf::{CodedInputStream, Enum, Message, MessageD
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
-use log::{debug, info, warn};
 use moat_protocol::agent as pb;
 use moat_protocol::ttrpc::context as agent_ctx;
 use serde_json::Value;
 use tokio::sync::{watch, Notify};
+use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::io::{self, Stdio};
@@ -225,14 +225,15 @@ impl TaskService {
                     VM_GONE_STATUS
                 }
             };
-            if tokio::time::timeout(DRAIN_LIMIT, relays.drained())
-                .await
-                .is_err()
-            {
-                warn!(
-                    "output of {id}/{} still flowing {DRAIN_LIMIT:?} after exit; reporting exit",
-                    proc_.exec_id
-                );
+            // Output still in flight comes through the VM: once moat-vmm is gone there is none.
+            tokio::select! {
+                res = tokio::time::timeout(DRAIN_LIMIT, relays.drained()) => if res.is_err() {
+                    warn!(
+                        "output of {id}/{} still flowing {DRAIN_LIMIT:?} after exit; reporting exit",
+                        proc_.exec_id
+                    );
+                },
+                _ = sandbox.wait_vmm_exit() => {}
             }
             // Nothing reads stdin any more: end its relay (also one still waiting for a writer).
             proc_.close_stdin.notify_one();
@@ -301,6 +302,8 @@ impl TaskService {
                 namespace: self.namespace.clone(),
                 id: sandbox_id,
                 hostname,
+                netns: crate::network::netns_path(spec)
+                    .map_err(|e| status(ttrpc::Code::INVALID_ARGUMENT, e.to_string()))?,
             },
         )
         .await
@@ -508,6 +511,7 @@ fn proc_status(p: &Process, paused: bool) -> api::Status {
 
 #[async_trait]
 impl Task for TaskService {
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn create(
         &self,
         _ctx: &TtrpcContext,
@@ -568,6 +572,7 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn start(
         &self,
         _ctx: &TtrpcContext,
@@ -630,6 +635,7 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn delete(
         &self,
         _ctx: &TtrpcContext,
@@ -694,6 +700,7 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn pids(
         &self,
         _ctx: &TtrpcContext,
@@ -721,10 +728,12 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
         self.set_paused(&req.id, true).await
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn resume(
         &self,
         _ctx: &TtrpcContext,
@@ -733,6 +742,7 @@ impl Task for TaskService {
         self.set_paused(&req.id, false).await
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         let proc_ = self.process(&req.id, &req.exec_id)?;
         if proc_.exited().is_some() {
@@ -756,6 +766,7 @@ impl Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn exec(
         &self,
         _ctx: &TtrpcContext,
@@ -804,6 +815,7 @@ impl Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn resize_pty(
         &self,
         _ctx: &TtrpcContext,
@@ -825,6 +837,7 @@ impl Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn close_io(
         &self,
         _ctx: &TtrpcContext,
@@ -837,6 +850,7 @@ impl Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn update(
         &self,
         _ctx: &TtrpcContext,
@@ -862,6 +876,7 @@ impl Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn wait(
         &self,
         _ctx: &TtrpcContext,
@@ -881,6 +896,7 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn stats(
         &self,
         _ctx: &TtrpcContext,
@@ -906,6 +922,7 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn connect(
         &self,
         _ctx: &TtrpcContext,
@@ -923,6 +940,7 @@ impl Task for TaskService {
         })
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %_req.id))]
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
@@ -947,6 +965,7 @@ impl Task for TaskService {
         Ok(api::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "task", skip_all, fields(id = %req.id))]
     async fn state(
         &self,
         _ctx: &TtrpcContext,

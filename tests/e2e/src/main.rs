@@ -8,8 +8,10 @@
 
 mod agent;
 mod cli;
+mod faults;
 mod guest;
 mod kvm_smoke;
+mod net;
 mod shim;
 mod vmm;
 
@@ -27,6 +29,8 @@ fn all_trials() -> Vec<moat_e2e::Trial> {
     trials.extend(agent::trials());
     trials.extend(shim::trials());
     trials.extend(cli::trials());
+    trials.extend(faults::trials());
+    trials.extend(net::trials());
     trials
 }
 

@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
+use crate::faults::ensure_nothing_left;
 use moat_e2e::containerd::{check, Containerd, CTR_LIMIT, IMAGE, RUNTIME};
 use moat_e2e::{ensure, trial, Check, Context, Failed, Trial};
 
@@ -264,56 +265,4 @@ fn nothing_left() -> Check {
     check(&c.run_ctr(&["task", "rm", "-f", id])?, "ctr task rm -f")?;
     check(&c.run_ctr(&["container", "rm", id])?, "ctr c rm")?;
     ensure_nothing_left(c, id)
-}
-
-/// No state directory, mount, moat-vmm or shim of the pod `id` is left.
-fn ensure_nothing_left(c: &Containerd, id: &str) -> Check {
-    let state = c.moat_state.join("default").join(id);
-    ensure(
-        !state.exists(),
-        format!("state directory {} left behind", state.display()),
-    )?;
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").context("mountinfo")?;
-    ensure(
-        !mounts
-            .lines()
-            .any(|l| l.contains(&*state.to_string_lossy())),
-        "mounts left below the pod's state directory",
-    )?;
-    // The shim exits right after answering containerd's Shutdown; give it a bounded moment.
-    // `[c]` keeps the pattern from matching the shell running this loop.
-    let pattern = format!("[c]ontainerd-shim-moat-v2.*-id {id}( |$)");
-    let gone = moat_e2e::run_bounded(
-        Command::new("sh").arg("-c").arg(format!(
-            "while pgrep -f '{pattern}' >/dev/null; do sleep 0.1; done"
-        )),
-        30,
-    );
-    ensure(gone.is_ok(), format!("the shim of {id} did not exit"))?;
-    // The shim's socket goes with it: /run/containerd/s/<sha256 of "<address>/<ns>/<pod>">.
-    let key = format!("{}/default/{id}", c.socket.display());
-    let hash = Command::new("sh")
-        .arg("-c")
-        .arg("printf %s \"$1\" | sha256sum")
-        .arg("sh")
-        .arg(&key)
-        .output()
-        .context("sha256sum")?;
-    let hash = String::from_utf8_lossy(&hash.stdout);
-    let socket = std::path::Path::new("/run/containerd/s")
-        .join(hash.split_whitespace().next().unwrap_or("?"));
-    ensure(
-        !socket.exists(),
-        format!("shim socket {} left behind", socket.display()),
-    )?;
-    let procs = Command::new("pgrep")
-        .args(["-af", "moat-vmm|containerd-shim-moat-v2"])
-        .output()
-        .context("pgrep")?;
-    let left: Vec<String> = String::from_utf8_lossy(&procs.stdout)
-        .lines()
-        .filter(|l| l.contains(id) || l.contains(&*state.to_string_lossy()))
-        .map(str::to_owned)
-        .collect();
-    ensure(left.is_empty(), format!("processes left behind: {left:?}"))
 }
