@@ -4,12 +4,13 @@
 //! what it needs and starts this binary inside `tests/kvm-host/run`.
 //!
 //! ```text
-//! moat-bench [--reps N] [--only boot|ctr|memory|density]...
+//! moat-bench [--reps N] [--only boot|ctr|memory|density|net]... [--net-mib N]
 //! ```
 //!
 //! No assertions on the figures: a benchmark reports, the targets are in the table.
 
 mod boot;
+mod net;
 mod pods;
 mod procmem;
 mod stats;
@@ -20,7 +21,9 @@ use std::process::{Command, ExitCode};
 /// Errors of the command line and of writing the report.
 #[derive(Debug, thiserror::Error)]
 enum MainError {
-    #[error("{0}\nusage: moat-bench [--reps N] [--only boot|ctr|memory|density]...")]
+    #[error(
+        "{0}\nusage: moat-bench [--reps N] [--only boot|ctr|memory|density|net]... [--net-mib N]"
+    )]
     Usage(String),
     #[error("write {path}: {source}")]
     Write {
@@ -29,17 +32,21 @@ enum MainError {
     },
 }
 
-const ITEMS: &[&str] = &["boot", "ctr", "memory", "density"];
+const ITEMS: &[&str] = &["boot", "ctr", "memory", "density", "net"];
+/// MiB sent each way per transfer of the `net` item.
+const NET_MIB: u64 = 64;
 
 struct Args {
     reps: usize,
     only: Vec<String>,
+    net_mib: u64,
 }
 
 fn parse_args(args: &[String]) -> Result<Args, MainError> {
     let mut out = Args {
         reps: 3,
         only: Vec::new(),
+        net_mib: NET_MIB,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -50,6 +57,14 @@ fn parse_args(args: &[String]) -> Result<Args, MainError> {
                     .ok_or_else(|| MainError::Usage("--reps needs a number".into()))?;
                 out.reps = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
                     MainError::Usage(format!("--reps {v}: not a positive number"))
+                })?;
+            }
+            "--net-mib" => {
+                let v = it
+                    .next()
+                    .ok_or_else(|| MainError::Usage("--net-mib needs a number".into()))?;
+                out.net_mib = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    MainError::Usage(format!("--net-mib {v}: not a positive number"))
                 })?;
             }
             "--only" => {
@@ -155,6 +170,7 @@ fn run(args: &Args) -> Result<bool, MainError> {
             "ctr" => pods::ctr(args.reps, &mut report).map_err(|e| e.to_string()),
             "memory" => pods::memory(&mut report).map_err(|e| e.to_string()),
             "density" => pods::density(args.reps, &mut report).map_err(|e| e.to_string()),
+            "net" => net::run(args.reps, args.net_mib, &mut report).map_err(|e| e.to_string()),
             _ => Ok(()),
         };
         if let Err(e) = res {
@@ -213,10 +229,19 @@ mod tests {
     #[test]
     fn arguments() {
         let a = parse_args(&v(&[])).unwrap();
-        assert_eq!((a.reps, a.only.len()), (3, 4));
+        assert_eq!((a.reps, a.only.len(), a.net_mib), (3, 5, NET_MIB));
         let a = parse_args(&v(&["--reps", "5", "--only", "boot"])).unwrap();
         assert_eq!((a.reps, a.only), (5, v(&["boot"])));
-        for bad in [&["--reps", "0"][..], &["--reps"], &["--only", "x"], &["-x"]] {
+        let a = parse_args(&v(&["--only", "net", "--net-mib", "16"])).unwrap();
+        assert_eq!((a.only, a.net_mib), (v(&["net"]), 16));
+        for bad in [
+            &["--reps", "0"][..],
+            &["--reps"],
+            &["--only", "x"],
+            &["-x"],
+            &["--net-mib", "0"],
+            &["--net-mib"],
+        ] {
             let err = parse_args(&v(bad)).err().unwrap().to_string();
             assert!(err.contains("usage:"), "{err}");
         }

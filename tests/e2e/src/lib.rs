@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 pub use libtest_mimic::{Failed, Trial};
 
 pub mod containerd;
+pub mod netns;
 
 /// What a check returns: `Ok(())`, or a message saying what went wrong.
 pub type Check = Result<(), Failed>;
