@@ -102,7 +102,7 @@ impl Manager {
             .filter(|c| !controllers.contains(*c))
             .collect();
         if !missing.is_empty() {
-            log::warn!(
+            tracing::warn!(
                 "cgroup v2 at {}: controllers {missing:?} unavailable; limits for them will be refused, stats will be partial",
                 root.display()
             );
@@ -156,7 +156,7 @@ impl Manager {
         let dir = self.base.join(sandbox);
         if let Err(e) = std::fs::remove_dir(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("removing cgroup {}: {e}", dir.display());
+                tracing::warn!("removing cgroup {}: {e}", dir.display());
             }
         }
     }

@@ -92,7 +92,7 @@ fn parse_args() -> Result<Option<Options>, MainError> {
                 return Ok(None);
             }
             // The kernel hands unknown command-line words to init as arguments.
-            other if std::process::id() == 1 => log::debug!("ignoring argument {other:?}"),
+            other if std::process::id() == 1 => tracing::debug!("ignoring argument {other:?}"),
             other => return Err(MainError::Usage(format!("unknown argument {other:?}"))),
         }
     }
@@ -117,7 +117,7 @@ fn main() {
     let is_init = std::process::id() == 1;
     if is_init {
         std::panic::set_hook(Box::new(|info| {
-            log::error!("fatal: {info}");
+            tracing::error!("fatal: {info}");
             pid1::power_off();
         }));
     }
@@ -143,7 +143,7 @@ fn main() {
         rt.block_on(serve(opts, is_init))
     })();
     if let Err(e) = result {
-        log::error!("{e}");
+        tracing::error!("{e}");
         if is_init {
             pid1::power_off();
         }
@@ -214,7 +214,7 @@ async fn serve(opts: Options, is_init: bool) -> Result<(), MainError> {
         addr: opts.listen.clone(),
         source,
     })?;
-    log::info!(
+    tracing::info!(
         "moat-agent {} serving protocol {} on {}{}",
         env!("CARGO_PKG_VERSION"),
         moat_protocol::PROTOCOL_VERSION,
@@ -242,11 +242,11 @@ async fn serve(opts: Options, is_init: bool) -> Result<(), MainError> {
             }
         };
         if is_init {
-            log::info!("forwarding {got} to the containers");
+            tracing::info!("forwarding {got} to the containers");
             agent.forward_signal(got);
             continue;
         }
-        log::info!("{got}: shutting down");
+        tracing::info!("{got}: shutting down");
         break;
     }
     agent.shutdown().await;

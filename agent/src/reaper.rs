@@ -85,7 +85,7 @@ impl Reaper {
             let _ = tx.send(exit);
             return;
         }
-        log::debug!("reaped unregistered pid {pid} (status {})", exit.status);
+        tracing::debug!("reaped unregistered pid {pid} (status {})", exit.status);
         st.seq += 1;
         let seq = st.seq;
         st.unclaimed.insert(pid, (seq, exit));

@@ -57,7 +57,7 @@ fn known_syscall(name: &str) -> bool {
 /// Compiles `profile` into the programs to install, in order.
 pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<RawProgram>, SeccompError> {
     if profile.flags().as_ref().is_some_and(|f| !f.is_empty()) {
-        log::warn!("seccomp flags {:?} ignored", profile.flags());
+        tracing::warn!("seccomp flags {:?} ignored", profile.flags());
     }
     let default = action_json(profile.default_action(), profile.default_errno_ret())?;
     // action (as JSON text) -> syscall -> conditions (None = unconditional)
@@ -94,7 +94,9 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<RawProgram>, SeccompError> 
                 if known_syscall(name) {
                     known.insert(name.clone());
                 } else {
-                    log::warn!("seccomp: syscall {name:?} unknown on this architecture, skipped");
+                    tracing::warn!(
+                        "seccomp: syscall {name:?} unknown on this architecture, skipped"
+                    );
                     unknown.insert(name.clone());
                     continue;
                 }

@@ -61,7 +61,7 @@ fn status(e: AgentError) -> TtrpcError {
         }
         _ => Code::INTERNAL,
     };
-    log::warn!("request failed: {e}");
+    tracing::warn!("request failed: {e}");
     TtrpcError::RpcStatus(ttrpc::get_status(code, e.to_string()))
 }
 
@@ -99,6 +99,7 @@ impl svc::Agent for Service {
         Ok(self.agent.guest_details())
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(sandbox = %req.sandbox_id))]
     async fn create_sandbox(
         &self,
         _: &TtrpcContext,
@@ -120,6 +121,7 @@ impl svc::Agent for Service {
         Ok(pb::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(container = %req.container_id))]
     async fn create_container(
         &self,
         _: &TtrpcContext,
@@ -129,6 +131,7 @@ impl svc::Agent for Service {
         Ok(pb::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(container = %req.container_id))]
     async fn start_container(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::Empty> {
         self.agent
             .start_container(&req.container_id)
@@ -137,6 +140,7 @@ impl svc::Agent for Service {
         Ok(pb::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(container = %req.container_id))]
     async fn remove_container(
         &self,
         _: &TtrpcContext,
@@ -149,6 +153,7 @@ impl svc::Agent for Service {
         Ok(pb::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(container = %req.container_id))]
     async fn update_container(
         &self,
         _: &TtrpcContext,
@@ -168,6 +173,7 @@ impl svc::Agent for Service {
         self.agent.stats(&req.container_id).map_err(status)
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(container = %req.container_id))]
     async fn pause_container(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::Empty> {
         self.agent
             .pause(&req.container_id, true)
@@ -176,6 +182,7 @@ impl svc::Agent for Service {
         Ok(pb::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(container = %req.container_id))]
     async fn resume_container(&self, _: &TtrpcContext, req: pb::ContainerRequest) -> R<pb::Empty> {
         self.agent
             .pause(&req.container_id, false)
@@ -197,6 +204,7 @@ impl svc::Agent for Service {
         Ok(r)
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(container = %req.container_id, exec = %req.exec_id))]
     async fn exec_process(&self, _: &TtrpcContext, req: pb::ExecProcessRequest) -> R<pb::Empty> {
         self.agent.exec_process(req).await.map_err(status)?;
         Ok(pb::Empty::new())

@@ -113,7 +113,7 @@ pub fn validate_process(field: &str, p: &Process) -> Result<(), SpecError> {
     let cwd = p.cwd().to_string_lossy();
     check_abs_path(&format!("{field}.cwd"), &cwd)?;
     if p.apparmor_profile().as_ref().is_some_and(|s| !s.is_empty()) {
-        log::warn!("{field}.apparmorProfile ignored: no AppArmor in the guest");
+        tracing::warn!("{field}.apparmorProfile ignored: no AppArmor in the guest");
     }
     Ok(())
 }

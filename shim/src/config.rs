@@ -182,6 +182,19 @@ mod tests {
         }
     }
 
+    /// `config/moat.toml` is what `scripts/install` puts at /etc/moat/config.toml; it claims
+    /// to spell out the defaults, so it must parse to exactly them.
+    #[test]
+    fn shipped_config_file_states_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/moat.toml");
+        let shipped = Config::from_file(&path).unwrap();
+        let defaults = Config {
+            vmm: PathBuf::from("/usr/local/bin/moat-vmm"),
+            ..Config::default()
+        };
+        assert_eq!(shipped, defaults);
+    }
+
     #[test]
     fn missing_explicit_file_is_an_error() {
         let err = Config::load(Some(Path::new("/nonexistent/moat.toml"))).unwrap_err();

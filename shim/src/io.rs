@@ -6,13 +6,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use log::{debug, warn};
 use moat_protocol::agent::{CloseStdinRequest, ProcessRef, ReadStreamRequest, WriteStdinRequest};
 use moat_protocol::agent_ttrpc_async::AgentClient;
 use moat_protocol::ttrpc::context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
+use tracing::{debug, warn};
 
 /// Largest chunk moved per call.
 const CHUNK: u32 = 64 * 1024;

@@ -3,10 +3,12 @@
 //!
 //! The data path, in one direction: [`service`] (shim lifecycle) → [`task`] (Task API) →
 //! [`sandbox`] (the pod VM: moat-vmm + agent connection) → [`rootfs`] (container files shared
-//! into the guest) and [`io`] (stdio relays). [`config`] is the TOML configuration.
+//! into the guest), [`network`] (the pod netns bridged to the VM's NICs) and [`io`] (stdio
+//! relays). [`config`] is the TOML configuration.
 
 pub mod config;
 mod io;
+pub mod network;
 mod rootfs;
 mod sandbox;
 pub mod service;

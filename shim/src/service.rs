@@ -9,10 +9,12 @@ use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::util::{timestamp, write_str_to_file};
-use containerd_shim::{Config as ShimConfig, DeleteResponse, Error, Flags, StartOpts};
+use containerd_shim::{
+    socket_address, Config as ShimConfig, DeleteResponse, Error, Flags, StartOpts,
+};
 use containerd_shim_protos::protobuf::MessageField;
-use log::info;
 use serde_json::Value;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::rootfs;
@@ -30,6 +32,8 @@ pub struct Service {
     id: String,
     /// The shim's own ttrpc socket (`unix:///run/containerd/s/…`), removed on exit.
     socket: String,
+    /// containerd's address: with the namespace and pod id it names the shim socket.
+    address: String,
     exit: Arc<ExitSignal>,
 }
 
@@ -47,6 +51,36 @@ fn sandbox_id_of(bundle: &Path, container_id: &str) -> String {
         .unwrap_or_else(|| container_id.to_owned())
 }
 
+/// Sends the shim server's log lines to containerd: the FIFO `log` in the bundle directory (the
+/// server's working directory), which containerd copies into its own log. The level is the
+/// configured `log_level`; when the configuration cannot be read, `info` (the error itself is
+/// reported when the first container is created).
+fn init_logging() {
+    let level = Config::load(None)
+        .ok()
+        .and_then(|c| moat_logging::parse_level(&c.log_level))
+        .unwrap_or(moat_logging::LevelFilter::INFO);
+    let output = match std::fs::OpenOptions::new().write(true).open("log") {
+        Ok(fifo) => moat_logging::Output::File(fifo),
+        // Run by hand, outside containerd: there is no FIFO.
+        Err(_) => moat_logging::Output::Stderr,
+    };
+    let _ = moat_logging::init("containerd-shim-moat-v2", level, output);
+}
+
+/// Removes the shim socket at `address` (`unix:///run/containerd/s/…`) if it is there.
+fn remove_socket(address: &str) {
+    let path = address.trim_start_matches("unix://");
+    if path.is_empty() {
+        return;
+    }
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!("remove shim socket {path}: {e}");
+        }
+    }
+}
+
 #[async_trait]
 impl Shim for Service {
     type T = TaskService;
@@ -54,13 +88,13 @@ impl Shim for Service {
     async fn new(_runtime_id: &str, args: &Flags, config: &mut ShimConfig) -> Self {
         // moat-vmm is our child and is waited for by tokio; the library must not reap it.
         config.no_reaper = true;
-        if let Ok(c) = Config::load(None) {
-            config.default_log_level = c.log_level;
-        }
+        // Logging is moat's tracing subscriber, set up in `create_task_service`.
+        config.no_setup_logger = true;
         Service {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             socket: args.socket.clone(),
+            address: args.address.clone(),
             exit: Arc::new(ExitSignal::default()),
         }
     }
@@ -81,6 +115,9 @@ impl Shim for Service {
         if sandbox_id == self.id {
             info!("delete: cleaning up pod VM state {}", dir.display());
             sandbox::cleanup_state(&dir);
+            // A shim that was killed could not remove its socket; nobody serves it any more.
+            let socket = socket_address(&self.address, &self.namespace, &sandbox_id);
+            remove_socket(&socket);
         } else {
             rootfs::remove_container_files(&dir.join("shared"), &self.id);
         }
@@ -96,10 +133,7 @@ impl Shim for Service {
         self.exit.wait().await;
         // The library only removes the socket named in the bundle's `address` file, which
         // containerd has deleted by now: remove it here (open connections stay usable).
-        let socket = self.socket.trim_start_matches("unix://");
-        if !socket.is_empty() {
-            let _ = std::fs::remove_file(socket);
-        }
+        remove_socket(&self.socket);
         // The library now shuts its ttrpc server down gracefully, which waits for every
         // connection to end; a peer that went away mid-call can hold that forever. Everything the
         // shim owns is torn down by now, so the graceful part gets a deadline.
@@ -110,6 +144,7 @@ impl Shim for Service {
     }
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        init_logging();
         TaskService::new(&self.namespace, publisher, self.exit.clone())
     }
 }
