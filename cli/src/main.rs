@@ -5,8 +5,11 @@
 //! - `moat ping ADDRESS [--timeout SECS]`: connects to a moat agent (`unix:///PATH` or
 //!   `hvsock:///VMM_SOCKET:PORT`), asks its version and prints it; used to see that a pod VM's
 //!   agent answers, and by the benchmarks to time boot-to-agent-ready.
+//! - `moat demo [--address SOCKET]`: runs a busybox container in a moat microVM through
+//!   containerd and prints its output (see [`demo`]).
 
 mod check;
+mod demo;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -17,13 +20,14 @@ use moat_protocol::connect::{connect, AgentAddress};
 use moat_protocol::ttrpc::context;
 use moat_shim::config::Config;
 
-const USAGE: &str = "usage: moat check [--config PATH]\n       moat ping ADDRESS [--timeout SECS]";
+const USAGE: &str = "usage: moat check [--config PATH]\n       moat ping ADDRESS [--timeout SECS]\n       moat demo [--address CONTAINERD_SOCKET]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("check") => cmd_check(&args[1..]),
         Some("ping") => cmd_ping(&args[1..]),
+        Some("demo") => cmd_demo(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -61,6 +65,25 @@ fn cmd_check(args: &[String]) -> ExitCode {
     } else {
         println!("moat check: ready");
         ExitCode::SUCCESS
+    }
+}
+
+fn cmd_demo(args: &[String]) -> ExitCode {
+    let address = match args {
+        [] => demo::DEFAULT_ADDRESS,
+        [flag, address] if flag == "--address" => address.as_str(),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match demo::run(address) {
+        Ok(status) if status.success() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("moat demo: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

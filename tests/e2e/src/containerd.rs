@@ -6,7 +6,6 @@
 //! One instance is shared by all trials of a run ([`Containerd::shared`]); [`shutdown`] stops it
 //! and removes its files (the harness calls it after the last trial).
 
-use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -135,6 +134,22 @@ impl Containerd {
         run_bounded(self.ctr().args(args), CTR_LIMIT)
     }
 
+    /// The socket of the shim serving pod `id` in namespace `default`:
+    /// `/run/containerd/s/<sha256 of "<containerd address>/default/<id>">`.
+    pub fn shim_socket(&self, id: &str) -> Result<PathBuf, Failed> {
+        let key = format!("{}/default/{id}", self.socket.display());
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("printf %s \"$1\" | sha256sum")
+            .arg("sh")
+            .arg(&key)
+            .output()
+            .context("sha256sum")?;
+        check(&out, "sha256sum")?;
+        let hash = String::from_utf8_lossy(&out.stdout);
+        Ok(Path::new("/run/containerd/s").join(hash.split_whitespace().next().unwrap_or("?")))
+    }
+
     /// containerd's log, for failure messages.
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
@@ -191,102 +206,8 @@ pub fn check(out: &Output, what: &str) -> Result<(), Failed> {
     }
 }
 
-fn sha256_file(path: &Path) -> Result<String, Failed> {
-    let out = Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .context("sha256sum")?;
-    check(&out, "sha256sum")?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_owned())
-}
-
-/// Builds an OCI image layout tarball holding one layer: busybox-static with its applets linked
-/// into /bin. Returns the tarball's path.
+/// Builds the E2E busybox image (named [`IMAGE`]) under `dir`; see [`moat_cli::image`].
+/// Returns the OCI image-layout tarball's path.
 pub fn build_busybox_image(dir: &Path) -> Result<PathBuf, Failed> {
-    let rootfs = dir.join("rootfs");
-    let blobs = dir.join("layout/blobs/sha256");
-    fs::create_dir_all(rootfs.join("bin")).context("create rootfs")?;
-    for d in ["proc", "sys", "dev", "tmp", "etc", "root"] {
-        fs::create_dir_all(rootfs.join(d)).context("create rootfs dirs")?;
-    }
-    fs::create_dir_all(&blobs).context("create blobs")?;
-    fs::copy("/bin/busybox", rootfs.join("bin/busybox"))
-        .context("copy /bin/busybox (apt-get install busybox-static)")?;
-    let list = Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .context("busybox --list")?;
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" && !applet.is_empty() {
-            let _ = std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet));
-        }
-    }
-    fs::write(rootfs.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").context("passwd")?;
-    fs::write(rootfs.join("etc/group"), "root:x:0:\n").context("group")?;
-
-    let layer = dir.join("layer.tar");
-    let out = Command::new("tar")
-        .args([
-            "--sort=name",
-            "--owner=0",
-            "--group=0",
-            "--numeric-owner",
-            "--mtime=@0",
-            "-C",
-        ])
-        .arg(&rootfs)
-        .arg("-cf")
-        .arg(&layer)
-        .arg(".")
-        .output()
-        .context("tar the layer")?;
-    check(&out, "tar the layer")?;
-    let layer_digest = sha256_file(&layer)?;
-    let layer_size = fs::metadata(&layer).context("layer size")?.len();
-    fs::rename(&layer, blobs.join(&layer_digest)).context("move layer")?;
-
-    let config = format!(
-        r#"{{"architecture":"amd64","os":"linux","config":{{"Env":["PATH=/bin"],"Cmd":["sh"]}},"rootfs":{{"type":"layers","diff_ids":["sha256:{layer_digest}"]}}}}"#
-    );
-    let config_digest = write_blob(&blobs, config.as_bytes())?;
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{config_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:{layer_digest}","size":{layer_size}}}]}}"#,
-        config.len()
-    );
-    let manifest_digest = write_blob(&blobs, manifest.as_bytes())?;
-    let mut index = String::new();
-    let _ = write!(
-        index,
-        r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:{manifest_digest}","size":{},"platform":{{"architecture":"amd64","os":"linux"}},"annotations":{{"io.containerd.image.name":"{IMAGE}","org.opencontainers.image.ref.name":"e2e"}}}}]}}"#,
-        manifest.len()
-    );
-    fs::write(dir.join("layout/index.json"), index).context("index.json")?;
-    fs::write(
-        dir.join("layout/oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .context("oci-layout")?;
-    let tar = dir.join("image.tar");
-    let out = Command::new("tar")
-        .arg("-C")
-        .arg(dir.join("layout"))
-        .arg("-cf")
-        .arg(&tar)
-        .arg(".")
-        .output()
-        .context("tar the image")?;
-    check(&out, "tar the image")?;
-    Ok(tar)
-}
-
-fn write_blob(blobs: &Path, data: &[u8]) -> Result<String, Failed> {
-    let tmp = blobs.join("tmp");
-    fs::write(&tmp, data).context("write blob")?;
-    let digest = sha256_file(&tmp)?;
-    fs::rename(&tmp, blobs.join(&digest)).context("move blob")?;
-    Ok(digest)
+    moat_cli::image::build_busybox_image(dir, IMAGE).map_err(|e| Failed::from(e.to_string()))
 }

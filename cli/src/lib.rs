@@ -1,0 +1,4 @@
+//! moat-cli's library part: what the `moat` command shares with the E2E trials and the
+//! benchmarks (the local busybox image builder).
+
+pub mod image;
