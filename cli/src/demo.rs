@@ -2,8 +2,9 @@
 //! the last step of `scripts/setup` and the quickest proof that an installed moat works.
 //!
 //! It uses the containerd answering on `--address` (default the system one); when none answers
-//! it starts `containerd` with the system configuration for the duration of the demo and stops
-//! it afterwards. The image is a local busybox (see [`moat_cli::image`]) imported into the
+//! it starts a private `containerd` for the duration of the demo (its own root, state and
+//! socket in a scratch directory, the CRI plugin off, so the system's containerd data is never
+//! touched) and stops it afterwards. The image is a local busybox (see [`moat_cli::image`]) imported into the
 //! containerd namespace `moat-demo`, so nothing is pulled and the default namespace is untouched.
 //! The container is run with `ctr run --rm --runtime io.containerd.moat.v2`, i.e. through the
 //! installed `containerd-shim-moat-v2` and `/etc/moat/config.toml`.
@@ -37,10 +38,10 @@ pub enum DemoError {
         #[source]
         source: std::io::Error,
     },
-    #[error("containerd did not answer on {address} within {secs} s; its log:\n{log}")]
+    #[error("the demo's containerd did not answer on {address} ({why}); its log:\n{log}")]
     ContainerdStart {
         address: String,
-        secs: u64,
+        why: String,
         log: String,
     },
     #[error("{0}")]
@@ -66,11 +67,14 @@ struct OwnContainerd {
 
 impl Drop for OwnContainerd {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: kill(2) on our own child's pid, which it cannot lose before we wait.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+        // Only a child that has not been waited for yet: its pid is still ours.
+        if let Ok(None) = self.child.try_wait() {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                // SAFETY: kill(2) on our own unreaped child.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            let _ = self.child.wait();
         }
-        let _ = self.child.wait();
     }
 }
 
@@ -87,12 +91,16 @@ fn run_in(address: &str, scratch: &Path) -> Result<ExitStatus, DemoError> {
         path: scratch.to_owned(),
         source,
     })?;
-    let _own = if ctr_answers(address) {
+    let private = scratch
+        .join("containerd.sock")
+        .to_string_lossy()
+        .into_owned();
+    let (_own, address) = if ctr_answers(address) {
         println!("demo: using the containerd at {address}");
-        None
+        (None, address)
     } else {
-        println!("demo: no containerd answers at {address}; starting one for the demo");
-        Some(start_containerd(address, scratch)?)
+        println!("demo: no containerd answers at {address}; starting a private one for the demo");
+        (Some(start_containerd(&private, scratch)?), private.as_str())
     };
 
     if ctr_output(address, &["image", "ls", "-q"])?
@@ -175,20 +183,25 @@ fn ctr_output(address: &str, args: &[&str]) -> Result<String, DemoError> {
 }
 
 fn start_containerd(address: &str, scratch: &Path) -> Result<OwnContainerd, DemoError> {
+    let scratch_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DemoError::Scratch { path, source }
+    };
+    let config_path = scratch.join("containerd.toml");
+    let config = format!(
+        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+         [grpc]\n  address = \"{address}\"\n[ttrpc]\n  address = \"{address}.ttrpc\"\n",
+        root = scratch.join("root").display(),
+        state = scratch.join("state").display(),
+    );
+    fs::write(&config_path, config).map_err(scratch_err(&config_path))?;
     let log_path = scratch.join("containerd.log");
-    let log = fs::File::create(&log_path).map_err(|source| DemoError::Scratch {
-        path: log_path.clone(),
-        source,
-    })?;
-    let log_err = log.try_clone().map_err(|source| DemoError::Scratch {
-        path: log_path.clone(),
-        source,
-    })?;
-    let mut cmd = Command::new("containerd");
-    if address != DEFAULT_ADDRESS {
-        cmd.args(["--address", address]);
-    }
-    let child = cmd
+    let log = fs::File::create(&log_path).map_err(scratch_err(&log_path))?;
+    let log_err = log.try_clone().map_err(scratch_err(&log_path))?;
+    let child = Command::new("containerd")
+        .arg("--config")
+        .arg(&config_path)
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err)
@@ -197,19 +210,28 @@ fn start_containerd(address: &str, scratch: &Path) -> Result<OwnContainerd, Demo
             what: "containerd",
             source,
         })?;
-    let own = OwnContainerd { child };
+    let mut own = OwnContainerd { child };
     let deadline = Instant::now() + CONTAINERD_START;
+    let failed = |why: String| {
+        let mut text = String::new();
+        let _ = fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut text));
+        let tail: Vec<&str> = text.lines().rev().take(20).collect();
+        DemoError::ContainerdStart {
+            address: address.to_owned(),
+            why,
+            log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        }
+    };
     // containerd has no readiness notification for a plain child: poll its API.
     while !ctr_answers(address) {
+        if let Ok(Some(status)) = own.child.try_wait() {
+            return Err(failed(format!("containerd exited: {status}")));
+        }
         if Instant::now() > deadline {
-            let mut text = String::new();
-            let _ = fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut text));
-            let tail: Vec<&str> = text.lines().rev().take(20).collect();
-            return Err(DemoError::ContainerdStart {
-                address: address.to_owned(),
-                secs: CONTAINERD_START.as_secs(),
-                log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-            });
+            return Err(failed(format!(
+                "no answer within {} s",
+                CONTAINERD_START.as_secs()
+            )));
         }
         std::thread::sleep(Duration::from_millis(200));
     }
