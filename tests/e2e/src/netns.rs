@@ -57,6 +57,20 @@ impl PodNetns {
             &["addr", "add", &format!("{HOST_IP}/24"), "dev", &ns.host_if],
         )?;
         run("ip", &["link", "set", &ns.host_if, "up"])?;
+        // No IPv6 on the pod side: its link-local address would finish duplicate address
+        // detection (and gain a local route) at some moment after `up`, changing the netns under
+        // a before/after snapshot. The runtimes ignore link-local addresses anyway.
+        run(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &ns.name,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6",
+            ],
+        )?;
         ns.ip(&["addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"])?;
         ns.ip(&["link", "set", "eth0", "up"])?;
         ns.ip(&["link", "set", "lo", "up"])?;
