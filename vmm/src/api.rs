@@ -150,8 +150,7 @@ impl ApiServer {
         let accept_listener = listener.try_clone().map_err(ApiError::Setup)?;
         let accept_evt = evt.try_clone().map_err(ApiError::Setup)?;
         let accept_conns = conns.clone();
-        let accept_thread = std::thread::Builder::new()
-            .name("api".into())
+        let accept_thread = crate::thread_builder("api")
             .spawn(move || {
                 if let Err(e) = seccomp.apply(ThreadKind::Api) {
                     exit.notify(ExitReason::VmmError(e.to_string()));
@@ -222,8 +221,7 @@ fn accept_loop(
         let Ok(evt) = evt.try_clone() else {
             continue;
         };
-        let spawned = std::thread::Builder::new()
-            .name("api-conn".into())
+        let spawned = crate::thread_builder("api-conn")
             .spawn(move || serve_connection(stream, tx, evt, exit));
         if let Ok(t) = spawned {
             lock(&conns).push((handle, t));

@@ -210,13 +210,23 @@ pub fn build(
     api_evt: Option<EventFd>,
     signal_fd: Option<OwnedFd>,
 ) -> Result<Vmm, BuildError> {
+    // The boot timeline at debug level (`MOAT_VMM_LOG=debug`): where the VMM's share of a boot goes.
+    let timeline = |step: &str| {
+        tracing::debug!(
+            "boot timeline: {step} at {} ms",
+            start.elapsed().as_micros() as f64 / 1000.0
+        )
+    };
+    timeline("building");
     let mem_size = cfg.mem_mib << 20;
     let mem = layout::create_guest_memory(cfg.mem_mib)?;
     let vm = Vm::new(&mem)?;
+    timeline("guest memory and KVM VM ready");
     let mut em: EventManager<Subscriber> = EventManager::new()
         .map_err(|e| BuildError::Os("event manager", std::io::Error::other(format!("{e:?}"))))?;
 
     let (kernel, entry) = load_kernel(&mem, cfg)?;
+    timeline("kernel loaded");
     let initrd = match &cfg.initrd {
         Some(p) => {
             let mut f = File::open(p).map_err(|err| BuildError::InitrdOpen {
@@ -232,6 +242,7 @@ pub fn build(
         }
         None => None,
     };
+    timeline("initrd loaded");
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BuildError::Cmdline)?;
     cmdline
@@ -312,6 +323,7 @@ pub fn build(
     }
     let device_threads = std::mem::take(&mut devices.threads);
     let mmio = devices.mmio;
+    timeline("devices ready");
 
     if let Some(extra) = &cfg.cmdline_extra {
         cmdline.insert_str(extra).map_err(BuildError::Cmdline)?;
@@ -342,6 +354,7 @@ pub fn build(
         .map(|i| vm.create_vcpu(i, cfg.vcpus, &mem, entry))
         .collect::<Result<Vec<_>, _>>()?;
 
+    timeline("boot structures written, vCPUs created");
     let control = ControlEvents::new(exit.clone(), api_evt, signal_fd)
         .map_err(|e| BuildError::Os("eventfd", e))?;
     em.add_subscriber(Arc::new(Mutex::new(control)));

@@ -18,3 +18,20 @@ pub mod jail;
 pub mod seccomp;
 pub mod vmm;
 pub mod vstate;
+
+/// Stack size of every thread moat-vmm starts: just under 2 MiB (Rust's default is 2 MiB).
+///
+/// A thread stack is an anonymous mapping; on a host whose THP setting is `always` (Debian's
+/// default) a 2 MiB stack that happens to be 2 MiB-aligned is backed by one huge page at its
+/// first touch, so 2 MiB resident instead of a few KiB. Guest RAM is mapped 2 MiB-aligned
+/// (`arch::x86_64::layout`), which makes the next mapping below it, a thread stack, end aligned:
+/// measured 2 MiB more PSS per VMM. A stack mapping (with its guard page) smaller than 2 MiB
+/// can never hold a huge page.
+pub const THREAD_STACK_SIZE: usize = (2 << 20) - (128 << 10);
+
+/// A [`std::thread::Builder`] named `name` with the VMM's stack size ([`THREAD_STACK_SIZE`]).
+pub fn thread_builder(name: impl Into<String>) -> std::thread::Builder {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(THREAD_STACK_SIZE)
+}

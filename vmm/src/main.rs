@@ -146,7 +146,12 @@ fn run() -> i32 {
     // Still single-threaded, and already in the pod's network namespace.
     if cfg.jail.enabled {
         match moat_vmm::jail::enter(&mut cfg) {
-            Ok(moat_vmm::jail::Role::Vmm) => {}
+            Ok(moat_vmm::jail::Role::Vmm) => {
+                tracing::debug!(
+                    "boot timeline: jail entered at {} ms",
+                    start.elapsed().as_micros() as f64 / 1000.0
+                );
+            }
             Ok(moat_vmm::jail::Role::Supervisor(code)) => return code,
             Err(e) => {
                 eprintln!("moat-vmm: {e}");

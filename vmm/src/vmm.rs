@@ -134,7 +134,7 @@ impl DeviceThread {
             EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         em.add_subscriber(device);
         em.add_subscriber(flag.clone());
-        let handle = std::thread::Builder::new().name(name).spawn(move || {
+        let handle = crate::thread_builder(name).spawn(move || {
             if let Err(e) = seccomp.apply(ThreadKind::Worker) {
                 exit.notify(ExitReason::VmmError(e.to_string()));
                 return;

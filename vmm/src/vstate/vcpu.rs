@@ -135,8 +135,7 @@ impl Vcpus {
         };
         for (i, fd) in fds.into_iter().enumerate() {
             let ctx = ctx.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("vcpu{i}"))
+            let t = crate::thread_builder(format!("vcpu{i}"))
                 .spawn(move || run_loop(fd, i, ctx))
                 .map_err(VcpuError::Spawn)?;
             vcpus.threads.push(t);
