@@ -1,9 +1,7 @@
 //! Duties of the agent when it is PID 1 of the microVM: boot marker, a
-//! pivot-able root (initramfs → tmpfs), the basic filesystems, entropy,
+//! pivot-able root (a bind mount of the initramfs), the basic filesystems, entropy,
 //! the console, and powering the VM off.
 
-use std::ffi::CString;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use nix::mount::{mount, MsFlags};
@@ -82,111 +80,41 @@ fn root_is_initramfs() -> bool {
         .unwrap_or(false)
 }
 
-fn copy_tree(src: &Path, dst: &Path, skip: &Path) -> Result<(), Pid1Error> {
-    let io = |what: String| move |source| Pid1Error::Io { what, source };
-    for entry in std::fs::read_dir(src).map_err(io(format!("reading {}", src.display())))? {
-        let entry = entry.map_err(io(format!("reading {}", src.display())))?;
-        let from = entry.path();
-        if from == skip || from == Path::new("/proc") {
-            continue;
-        }
-        let to = dst.join(entry.file_name());
-        let md =
-            std::fs::symlink_metadata(&from).map_err(io(format!("stat {}", from.display())))?;
-        let ft = md.file_type();
-        if ft.is_dir() {
-            std::fs::create_dir_all(&to).map_err(io(format!("mkdir {}", to.display())))?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(md.mode() & 0o7777))
-                .map_err(io(format!("chmod {}", to.display())))?;
-            copy_tree(&from, &to, skip)?;
-        } else if ft.is_symlink() {
-            let target =
-                std::fs::read_link(&from).map_err(io(format!("readlink {}", from.display())))?;
-            std::os::unix::fs::symlink(target, &to)
-                .map_err(io(format!("symlink {}", to.display())))?;
-        } else if ft.is_file() {
-            std::fs::copy(&from, &to).map_err(io(format!("copy {}", from.display())))?;
-        } else if ft.is_char_device() || ft.is_block_device() {
-            let kind = if ft.is_char_device() {
-                nix::sys::stat::SFlag::S_IFCHR
-            } else {
-                nix::sys::stat::SFlag::S_IFBLK
-            };
-            nix::sys::stat::mknod(
-                &to,
-                kind,
-                nix::sys::stat::Mode::from_bits_truncate(md.mode()),
-                md.rdev(),
-            )
-            .map_err(|source| Pid1Error::Sys {
-                what: format!("mknod {}", to.display()),
-                source,
-            })?;
-        }
-    }
-    Ok(())
-}
-
-/// If `/` is the initramfs, copies it into a tmpfs, moves that over `/`,
-/// chroots and re-executes `/init`, so that containers can `pivot_root`.
-/// Returns only when no switch was needed.
+/// If `/` is the initramfs, gives it a mount that containers can `pivot_root` away from.
+///
+/// The kernel's rootfs is the root of the mount tree, and `pivot_root` refuses to move a root
+/// that has no parent mount. A bind mount of the same rootfs, moved over `/` and chrooted into,
+/// has one: the files stay where the kernel unpacked them and nothing is copied. (Copying the
+/// image into a tmpfs instead costs boot time and keeps a second copy of the agent in guest RAM
+/// for the VM's life, since the rootfs itself can never be freed.)
 fn switch_root_if_needed() -> Result<(), Pid1Error> {
     if !root_is_initramfs() {
         return Ok(());
     }
-    tracing::info!("root is the initramfs: moving it to a tmpfs so containers can pivot_root");
-    let exe = std::env::current_exe().map_err(|source| Pid1Error::Io {
-        what: "locating /init".into(),
-        source,
-    })?;
-    let new = Path::new("/.moat-root");
-    mnt(
-        "tmpfs",
-        "/.moat-root",
-        "tmpfs",
-        MsFlags::empty(),
-        Some("mode=0755"),
-    )?;
-    copy_tree(Path::new("/"), new, new)?;
-    let _ = nix::mount::umount2("/proc", nix::mount::MntFlags::MNT_DETACH);
-    nix::unistd::chdir(new).map_err(|source| Pid1Error::Sys {
-        what: "chdir new root".into(),
-        source,
-    })?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(|source| {
-        Pid1Error::Sys {
-            what: "moving the new root".into(),
+    let sys = |what: &'static str| {
+        move |source| Pid1Error::Sys {
+            what: what.into(),
             source,
         }
-    })?;
-    nix::unistd::chroot(".").map_err(|source| Pid1Error::Sys {
-        what: "chroot".into(),
+    };
+    let new = Path::new("/.moat-root");
+    std::fs::create_dir_all(new).map_err(|source| Pid1Error::Io {
+        what: "mkdir /.moat-root".into(),
         source,
     })?;
-    nix::unistd::chdir("/").map_err(|source| Pid1Error::Sys {
-        what: "chdir /".into(),
-        source,
-    })?;
-    let path = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|_| Pid1Error::Io {
-        what: "init path".into(),
-        source: std::io::ErrorKind::InvalidInput.into(),
-    })?;
-    let args: Vec<CString> = std::env::args_os()
-        .filter_map(|a| CString::new(a.as_encoded_bytes()).ok())
-        .collect();
-    let env: Vec<CString> = std::env::vars_os()
-        .filter_map(|(k, v)| {
-            let mut s = k.into_encoded_bytes();
-            s.push(b'=');
-            s.extend(v.into_encoded_bytes());
-            CString::new(s).ok()
-        })
-        .collect();
-    let e = nix::unistd::execve(&path, &args, &env).unwrap_err();
-    Err(Pid1Error::Sys {
-        what: format!("re-executing {}", exe.display()),
-        source: e,
-    })
+    mount(Some("/"), new, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(sys("bind-mounting the initramfs"))?;
+    // /proc is mounted again on the new root by the caller; this one would stay hidden below it.
+    let _ = nix::mount::umount2("/proc", nix::mount::MntFlags::MNT_DETACH);
+    nix::unistd::chdir(new).map_err(sys("chdir new root"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(sys("moving the new root"))?;
+    nix::unistd::chroot(".").map_err(sys("chroot"))?;
+    nix::unistd::chdir("/").map_err(sys("chdir /"))?;
+    // The mount point is a directory of the same file system, now empty and of no further use.
+    let _ = std::fs::remove_dir(new);
+    tracing::debug!("root is a bind mount of the initramfs: containers can pivot_root");
+    Ok(())
 }
 
 /// Feeds the kernel RNG from RDRAND when the CPU has it, so that early
