@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Write a reproducible gzip-compressed initramfs (cpio "newc") from an explicit entry list.
+"""Write a reproducible initramfs (cpio "newc", plain or gzip) from an explicit entry list.
 
 Nothing is taken from the file system except the contents of the files named with --file, so
 the same inputs always give the same bytes: entries sorted by path, owner 0:0, a fixed mtime
-(SOURCE_DATE_EPOCH, default 0), inode numbers assigned in order, and a gzip header without
-name or timestamp (like `gzip -n`). No root privileges are needed: device nodes are written
-as archive entries, never created with mknod.
+(SOURCE_DATE_EPOCH, default 0), inode numbers assigned in order, and (for .cpio.gz) a gzip
+header without name or timestamp (like `gzip -n`). No root privileges are needed: device nodes
+are written as archive entries, never created with mknod.
+
+The output name picks the format: `NAME.cpio` is written uncompressed (what moat ships: the
+guest kernel then copies the files out instead of inflating them, measured faster to boot,
+docs/benchmarks.md), `NAME.cpio.gz` gzip-compressed.
 
 Entry syntax (paths are absolute inside the image, modes octal):
   --dir     PATH:MODE
@@ -14,7 +18,7 @@ Entry syntax (paths are absolute inside the image, modes octal):
   --nod     PATH:MODE:c|b:MAJOR:MINOR
 
 Example:
-  mkinitramfs.py -o initramfs.cpio.gz --dir /dev:0755 --nod /dev/console:0600:c:5:1 \\
+  mkinitramfs.py -o initramfs.cpio --dir /dev:0755 --nod /dev/console:0600:c:5:1 \\
       --file /init:0755:target/release/moat-agent
 """
 
@@ -142,7 +146,7 @@ def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    parser.add_argument("-o", "--output", required=True, help="the .cpio.gz to write")
+    parser.add_argument("-o", "--output", required=True, help="the .cpio (plain) or .cpio.gz (gzip) to write")
     parser.add_argument("--dir", action="append", default=[], type=str)
     parser.add_argument("--file", action="append", default=[], type=str)
     parser.add_argument("--symlink", action="append", default=[], type=str)
@@ -155,6 +159,14 @@ def main(argv: List[str]) -> int:
             raise ValueError
     except ValueError:
         print("mkinitramfs: SOURCE_DATE_EPOCH must be an integer in 0..2^32-1", file=sys.stderr)
+        return 2
+
+    if args.output.endswith(".cpio.gz"):
+        compress = True
+    elif args.output.endswith(".cpio"):
+        compress = False
+    else:
+        print(f"mkinitramfs: {args.output}: the name must end in .cpio (plain) or .cpio.gz (gzip)", file=sys.stderr)
         return 2
 
     try:
@@ -170,9 +182,12 @@ def main(argv: List[str]) -> int:
     tmp = f"{args.output}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as raw:
-            # filename="" and mtime=0 keep the gzip header free of varying data (gzip -n).
-            with gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=raw, mtime=0) as gz:
-                gz.write(archive)
+            if compress:
+                # filename="" and mtime=0 keep the gzip header free of varying data (gzip -n).
+                with gzip.GzipFile(filename="", mode="wb", compresslevel=9, fileobj=raw, mtime=0) as gz:
+                    gz.write(archive)
+            else:
+                raw.write(archive)
         os.replace(tmp, args.output)
     except OSError as e:
         try:

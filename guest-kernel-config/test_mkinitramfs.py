@@ -79,6 +79,17 @@ class MkInitramfsTest(unittest.TestCase):
         with open(os.path.join(extract, "init"), "rb") as f:
             self.assertEqual(f.read(), b"#!/bin/sh\necho hi\n")
 
+    def test_plain_cpio_is_the_gzip_archive_uncompressed(self):
+        plain = self.build("a.cpio", *self.spec())
+        packed = self.build("a.cpio.gz", *self.spec())
+        self.assertEqual(plain[:6], b"070701")  # newc magic, no gzip header
+        self.assertEqual(plain, gzip.decompress(packed))
+
+    def test_rejects_unknown_output_names(self):
+        out = os.path.join(self.dir, "initramfs.img")
+        self.assertEqual(mkinitramfs.main(["-o", out, "--dir", "/a:0755"]), 2)
+        self.assertFalse(os.path.exists(out))
+
     def test_rejects_bad_entries(self):
         cases = [
             ["--file", f"/a/b:0755:{self.payload}"],  # parent missing

@@ -419,7 +419,7 @@ mod tests {
         let config = Config {
             vmm: d.0.join("moat-vmm"),
             kernel: d.0.join("vmlinux"),
-            initrd: d.0.join("initramfs.cpio.gz"),
+            initrd: d.0.join("initramfs.cpio"),
             ..Config::default()
         };
         let items = check_guest(&config);

@@ -65,7 +65,7 @@ impl Default for Config {
         Self {
             vmm: default_vmm(),
             kernel: PathBuf::from("/usr/local/share/moat/vmlinux"),
-            initrd: PathBuf::from("/usr/local/share/moat/initramfs.cpio.gz"),
+            initrd: PathBuf::from("/usr/local/share/moat/initramfs.cpio"),
             vcpus: 1,
             memory_mib: 256,
             kernel_params: String::new(),

@@ -146,12 +146,12 @@ fn check_boot(vmm: &str, cmd: &mut Command) -> Result<BTreeMap<String, String>, 
     Ok(report)
 }
 
-/// The debug initramfs (`MOAT_GUEST_INITRD_DEBUG` or `target/guest/initramfs-debug.cpio.gz`).
+/// The debug initramfs (`MOAT_GUEST_INITRD_DEBUG` or `target/guest/initramfs-debug.cpio`).
 fn debug_initrd() -> Result<PathBuf, Failed> {
     let path = env::var_os("MOAT_GUEST_INITRD_DEBUG")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| moat_e2e::workspace_root().join("target/guest/initramfs-debug.cpio.gz"));
+        .unwrap_or_else(|| moat_e2e::workspace_root().join("target/guest/initramfs-debug.cpio"));
     if path.is_file() {
         Ok(path)
     } else {

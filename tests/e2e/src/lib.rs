@@ -109,9 +109,9 @@ pub fn guest_kernel() -> Result<PathBuf, Failed> {
 }
 
 /// The guest initramfs with the agent as `/init` (`MOAT_GUEST_INITRD` or
-/// `target/guest/initramfs.cpio.gz`).
+/// `target/guest/initramfs.cpio`).
 pub fn guest_initrd() -> Result<PathBuf, Failed> {
-    guest_artifact("MOAT_GUEST_INITRD", "initramfs.cpio.gz")
+    guest_artifact("MOAT_GUEST_INITRD", "initramfs.cpio")
 }
 
 /// A fresh directory for one trial, removed (with everything in it) when dropped.
