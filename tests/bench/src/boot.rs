@@ -193,7 +193,17 @@ fn stop(child: &mut Child) {
 }
 
 fn moat_vmm(kernel: &Path, initrd: &Path, dir: &Path, quiet: bool) -> Result<Command, BootError> {
-    let mut cmd = Command::new(moat_e2e::bin("moat-vmm")?);
+    Ok(moat_vmm_at(
+        &moat_e2e::bin("moat-vmm")?,
+        kernel,
+        initrd,
+        dir,
+        quiet,
+    ))
+}
+
+fn moat_vmm_at(vmm: &Path, kernel: &Path, initrd: &Path, dir: &Path, quiet: bool) -> Command {
+    let mut cmd = Command::new(vmm);
     if quiet {
         cmd.args(["--cmdline", "quiet"]);
     }
@@ -209,7 +219,46 @@ fn moat_vmm(kernel: &Path, initrd: &Path, dir: &Path, quiet: bool) -> Result<Com
         ])
         .args(["--serial", "stdout", "--vsock-uds"])
         .arg(dir.join("vsock.sock"));
-    Ok(cmd)
+    cmd
+}
+
+/// A before/after comparison in the same run: `MOAT_BENCH_BASELINE_VMM` (a moat-vmm binary)
+/// and/or `MOAT_BENCH_BASELINE_INITRD` (an initramfs) name the "before"; each repetition then
+/// also boots it with `quiet`, next to the current build's quiet boot.
+struct Baseline {
+    vmm: std::path::PathBuf,
+    initrd: std::path::PathBuf,
+}
+
+impl Baseline {
+    fn from_env(current_initrd: &Path, images: &Path) -> Result<Option<Self>, BootError> {
+        let vmm = std::env::var_os("MOAT_BENCH_BASELINE_VMM").filter(|v| !v.is_empty());
+        let initrd = std::env::var_os("MOAT_BENCH_BASELINE_INITRD").filter(|v| !v.is_empty());
+        if vmm.is_none() && initrd.is_none() {
+            return Ok(None);
+        }
+        let vmm = match vmm {
+            Some(v) => v.into(),
+            None => moat_e2e::bin("moat-vmm")?,
+        };
+        let initrd = match initrd {
+            Some(src) => {
+                let dst = images.join("baseline-initramfs");
+                std::fs::copy(&src, &dst).map_err(|e| {
+                    BootError::Setup(format!("copy {}: {e}", Path::new(&src).display()))
+                })?;
+                dst
+            }
+            None => current_initrd.to_owned(),
+        };
+        if !vmm.is_file() {
+            return Err(BootError::Setup(format!(
+                "MOAT_BENCH_BASELINE_VMM: {} is not a file",
+                vmm.display()
+            )));
+        }
+        Ok(Some(Baseline { vmm, initrd }))
+    }
 }
 
 fn qemu_microvm(kernel: &Path, initrd: &Path, cid: u32, quiet: bool) -> Command {
@@ -243,7 +292,9 @@ pub fn run(reps: usize, report: &mut Report) -> Result<(), BootError> {
             .map_err(|e| BootError::Setup(format!("copy {}: {e}", src.display())))
     };
     let kernel = copy(moat_e2e::guest_kernel()?, "vmlinux")?;
-    let initrd = copy(moat_e2e::guest_initrd()?, "initramfs.cpio.gz")?;
+    let initrd = copy(moat_e2e::guest_initrd()?, "initramfs.cpio")?;
+    let baseline = Baseline::from_env(&initrd, images.path())?;
+    let mut before = Vec::new();
     let mut moat = Vec::new();
     let mut qemu = Vec::new();
     let mut quiet = Vec::new();
@@ -292,6 +343,15 @@ pub fn run(reps: usize, report: &mut Report) -> Result<(), BootError> {
         )?;
         eprintln!("bench: boot {i}: qemu microvm quiet {b:?}");
         qemu_quiet.push(b);
+        if let Some(base) = &baseline {
+            let scratch = Scratch::new("bench-boot")?;
+            let (b, _) = time_boot(
+                "baseline moat-vmm quiet",
+                &mut moat_vmm_at(&base.vmm, &kernel, &base.initrd, scratch.path(), true),
+            )?;
+            eprintln!("bench: boot {i}: baseline moat-vmm quiet {b:?}");
+            before.push(b);
+        }
     }
     let col = |v: &[Boot], f: Field| v.iter().filter_map(f).collect::<Vec<_>>();
     let m_ready = col(&moat, |b| Some(b.ready_ms));
@@ -364,6 +424,23 @@ pub fn run(reps: usize, report: &mut Report) -> Result<(), BootError> {
         list(&mq_ready),
         list(&qq_ready)
     );
+    if let Some(base) = &baseline {
+        let b_ready = col(&before, |b| Some(b.ready_ms));
+        let bm = median(&b_ready);
+        report.row(
+            &format!(
+                "before/after: launch → agent ready with `quiet`, this build vs the baseline \
+                 ({}, {})",
+                base.vmm.display(),
+                base.initrd.display()
+            ),
+            &show(mq, "ms"),
+            &show(bm, "ms"),
+            &ratio(mq, bm),
+            "",
+        );
+        let _ = write!(raw, "; quiet ready baseline {}", list(&b_ready));
+    }
     report.raw(raw);
     Ok(())
 }
