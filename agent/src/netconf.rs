@@ -405,28 +405,38 @@ async fn add_route(
         })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[doc(hidden)]
+pub mod testing {
+    //! Builders of the request messages [`NetConfig::from_request`] reads, for the agent's
+    //! unit tests and its integration tests (`agent/tests/net_host.rs`); not part of the API.
+    //!
+    //! [`NetConfig::from_request`]: super::NetConfig::from_request
 
-    fn iface(name: &str, mac: &str, addrs: &[(&str, u32)], mtu: u32) -> pb::Interface {
+    use moat_protocol::agent as pb;
+
+    /// An address `address/prefix_length` of an interface.
+    pub fn address(address: &str, prefix_length: u32) -> pb::IpAddress {
+        pb::IpAddress {
+            address: address.into(),
+            prefix_length,
+            ..Default::default()
+        }
+    }
+
+    /// An interface `name` with MAC `mac`, the addresses `(address, prefix length)` and `mtu`
+    /// (0: unset).
+    pub fn interface(name: &str, mac: &str, addrs: &[(&str, u32)], mtu: u32) -> pb::Interface {
         pb::Interface {
             name: name.into(),
             mac: mac.into(),
-            addresses: addrs
-                .iter()
-                .map(|(a, l)| pb::IpAddress {
-                    address: (*a).into(),
-                    prefix_length: *l,
-                    ..Default::default()
-                })
-                .collect(),
+            addresses: addrs.iter().map(|&(a, l)| address(a, l)).collect(),
             mtu,
             ..Default::default()
         }
     }
 
-    fn route(dest: &str, gw: &str, dev: &str, scope: u32) -> pb::Route {
+    /// A route to `dest` via `gw` on `dev` with `scope`; empty strings leave a field unset.
+    pub fn route(dest: &str, gw: &str, dev: &str, scope: u32) -> pb::Route {
         pb::Route {
             destination: dest.into(),
             gateway: gw.into(),
@@ -435,6 +445,12 @@ mod tests {
             ..Default::default()
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{interface as iface, route};
+    use super::*;
 
     #[test]
     fn parses_a_cni_like_request() {

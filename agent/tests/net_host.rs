@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use moat_agent::netconf::testing::{address, interface, route};
 use moat_protocol::agent as pb;
 use moat_protocol::agent_ttrpc::AgentClient;
 use moat_protocol::connect::{connect_sync, AgentAddress};
@@ -154,32 +155,10 @@ fn request(
     }
 }
 
-fn addr(a: &str, len: u32) -> pb::IpAddress {
-    pb::IpAddress {
-        address: a.into(),
-        prefix_length: len,
-        ..Default::default()
-    }
-}
-
+/// The interface every test configures: `eth7` with MAC `mac`, MTU 1400, one v4 and one v6
+/// address.
 fn eth(mac: &str) -> pb::Interface {
-    pb::Interface {
-        name: "eth7".into(),
-        mac: mac.into(),
-        addresses: vec![addr("10.99.0.2", 24), addr("fd00:99::2", 64)],
-        mtu: 1400,
-        ..Default::default()
-    }
-}
-
-fn route(dest: &str, gw: &str, dev: &str, scope: u32) -> pb::Route {
-    pb::Route {
-        destination: dest.into(),
-        gateway: gw.into(),
-        device: dev.into(),
-        scope,
-        ..Default::default()
-    }
+    interface("eth7", mac, &[("10.99.0.2", 24), ("fd00:99::2", 64)], 1400)
 }
 
 #[test]
@@ -242,7 +221,7 @@ fn unknown_mac_bad_address_and_new_netns_are_refused() {
     );
 
     let mut bad = eth(MAC);
-    bad.addresses = vec![addr("10.99.0.256", 24)];
+    bad.addresses = vec![address("10.99.0.256", 24)];
     let err = a.create(&request("refuse", vec![bad], vec![])).unwrap_err();
     assert!(
         err.contains("\"10.99.0.256\" is not an IPv4 or IPv6 address"),

@@ -4,8 +4,9 @@
 //! It uses the containerd answering on `--address` (default the system one); when none answers
 //! it starts a private `containerd` for the duration of the demo (its own root, state and
 //! socket in a scratch directory, the CRI plugin off, so the system's containerd data is never
-//! touched) and stops it afterwards. The image is a local busybox (see [`moat_cli::image`]) imported into the
-//! containerd namespace `moat-demo`, so nothing is pulled and the default namespace is untouched.
+//! touched; see [`moat_cli::containerd`]) and stops it afterwards. The image is a local busybox
+//! (see [`moat_cli::image`]) imported into the containerd namespace `moat-demo`, so nothing is
+//! pulled and the default namespace is untouched.
 //! The container is run with `ctr run --rm --runtime io.containerd.moat.v2`, i.e. through the
 //! installed `containerd-shim-moat-v2` and `/etc/moat/config.toml`.
 
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use moat_cli::containerd::private_config;
 use moat_cli::image::{build_busybox_image, ImageError};
 
 /// containerd's default socket.
@@ -188,13 +190,7 @@ fn start_containerd(address: &str, scratch: &Path) -> Result<OwnContainerd, Demo
         move |source| DemoError::Scratch { path, source }
     };
     let config_path = scratch.join("containerd.toml");
-    let config = format!(
-        "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-         disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-         [grpc]\n  address = \"{address}\"\n[ttrpc]\n  address = \"{address}.ttrpc\"\n",
-        root = scratch.join("root").display(),
-        state = scratch.join("state").display(),
-    );
+    let config = private_config(&scratch.join("root"), &scratch.join("state"), address);
     fs::write(&config_path, config).map_err(scratch_err(&config_path))?;
     let log_path = scratch.join("containerd.log");
     let log = fs::File::create(&log_path).map_err(scratch_err(&log_path))?;

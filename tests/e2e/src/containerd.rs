@@ -1,4 +1,5 @@
-//! A private containerd for E2E trials: its own root, state and socket under a scratch directory,
+//! A private containerd for E2E trials: its own root, state and socket under a scratch directory
+//! (its config from [`moat_cli::containerd::private_config`]),
 //! `containerd-shim-moat-v2` (and `moat-vmm` next to it) on its PATH, a moat config pointing at the
 //! repo's guest images, and a busybox image built locally from busybox-static and imported — no
 //! registry involved.
@@ -12,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::{bin_dir, guest_initrd, guest_kernel, run_bounded, Context, Failed};
+use crate::{bin_dir, guest_initrd, guest_kernel, run_bounded, Check, Context, Failed};
 
 /// The name the test image is imported under.
 pub const IMAGE: &str = "docker.io/library/moat-busybox:e2e";
@@ -49,13 +50,10 @@ impl Containerd {
         fs::create_dir_all(&dir).context("create containerd dir")?;
         let socket = dir.join("containerd.sock");
         let moat_state = dir.join("moat");
-        let config = format!(
-            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n",
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            sock = socket.display(),
+        let config = moat_cli::containerd::private_config(
+            &dir.join("root"),
+            &dir.join("state"),
+            &socket.to_string_lossy(),
         );
         fs::write(dir.join("containerd.toml"), config).context("write containerd.toml")?;
         let moat_config = format!(
@@ -132,6 +130,14 @@ impl Containerd {
     /// Runs `ctr ARGS` bounded by [`CTR_LIMIT`].
     pub fn run_ctr(&self, args: &[&str]) -> Result<Output, Failed> {
         run_bounded(self.ctr().args(args), CTR_LIMIT)
+    }
+
+    /// `ctr run -d --runtime RUNTIME IMAGE id sleep SECS`, checked: a container `id` that runs
+    /// (detached) until it is killed or `secs` pass.
+    pub fn run_sleeper(&self, id: &str, secs: u32) -> Check {
+        let secs = secs.to_string();
+        let out = self.run_ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", &secs])?;
+        check(&out, "ctr run -d sleep")
     }
 
     /// The socket of the shim serving pod `id` in namespace `default`:

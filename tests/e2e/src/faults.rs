@@ -181,20 +181,8 @@ pub(crate) fn ensure_nothing_left(c: &Containerd, id: &str) -> Check {
     ensure(left.is_empty(), format!("processes left behind: {left:?}"))
 }
 
-/// `ctr run -d IMAGE id sleep 1000`, checked.
-fn run_sleeper(c: &Containerd, id: &str) -> Check {
-    let out = c.run_ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        id,
-        "sleep",
-        "1000",
-    ])?;
-    check(&out, "ctr run -d sleep")
-}
+/// How long the sleeper containers of these trials would run if nothing killed them.
+const SLEEPER_SECS: u32 = 1000;
 
 /// Best-effort removal after a failed check, so later trials start clean.
 fn force_remove(c: &Containerd, id: &str) {
@@ -216,7 +204,7 @@ fn vmm_killed() -> Check {
     let _g = serial();
     let c = Containerd::shared()?;
     let id = "f-vmmkill";
-    run_sleeper(c, id)?;
+    c.run_sleeper(id, SLEEPER_SECS)?;
     with_cleanup(c, id, || {
         let pid = vmm_pid(c, id)?;
         ensure(alive(pid), format!("moat-vmm {pid} is not running"))?;
@@ -263,7 +251,7 @@ fn shim_killed() -> Check {
     let _g = serial();
     let c = Containerd::shared()?;
     let id = "f-shimkill";
-    run_sleeper(c, id)?;
+    c.run_sleeper(id, SLEEPER_SECS)?;
     with_cleanup(c, id, || {
         let vmm = vmm_pid(c, id)?;
         let shims = shim_pids(id);
@@ -472,7 +460,7 @@ fn unknown_ids() -> Check {
     let _g = serial();
     let c = Containerd::shared()?;
     let id = "f-ids";
-    run_sleeper(c, id)?;
+    c.run_sleeper(id, SLEEPER_SECS)?;
     with_cleanup(c, id, || {
         let out = c.run_ctr(&["task", "exec", "--exec-id", "x1", "f-no-such", "true"])?;
         expect_failure(&out, "exec in a missing container", "not found")?;

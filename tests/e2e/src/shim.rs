@@ -249,19 +249,7 @@ fn nothing_left() -> Check {
     ensure_nothing_left(c, id)?;
     // ... and a running one removed by force.
     let id = "e2e-clean-force";
-    check(
-        &c.run_ctr(&[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            id,
-            "sleep",
-            "100000",
-        ])?,
-        "ctr run -d",
-    )?;
+    c.run_sleeper(id, 100_000)?;
     check(&c.run_ctr(&["task", "rm", "-f", id])?, "ctr task rm -f")?;
     check(&c.run_ctr(&["container", "rm", id])?, "ctr c rm")?;
     ensure_nothing_left(c, id)
