@@ -207,24 +207,29 @@ fn mkfifo(p: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
 }
 
+/// Starts moat-vmm on the SPIN payload with its serial console on a FIFO in `dir` (open to
+/// every uid, for `--jail-uid`) and `extra` arguments; returns it and the serial reader once the
+/// guest printed "ready".
+fn spawn_spin(dir: &Scratch, extra: &[&str]) -> (Child, BufReader<std::fs::File>) {
+    let kernel = dir.kernel(SPIN);
+    let fifo = dir.path("serial");
+    mkfifo(&fifo);
+    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
+    let serial = format!("file:{}", s(&fifo));
+    let mut args = vec!["--kernel", s(&kernel), "--serial", &serial];
+    args.extend_from_slice(extra);
+    let child = spawn(&args);
+    let reader = wait_ready(&fifo);
+    (child, reader)
+}
+
 #[test]
 fn sigterm_stops_the_guest() {
     if !need_kvm() {
         return;
     }
     let dir = Scratch::new("sigterm");
-    let kernel = dir.kernel(SPIN);
-    let fifo = dir.path("serial");
-    mkfifo(&fifo);
-    let child = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--serial",
-        &format!("file:{}", s(&fifo)),
-        "--vcpus",
-        "2",
-    ]);
-    let _serial = wait_ready(&fifo);
+    let (child, _serial) = spawn_spin(&dir, &["--vcpus", "2"]);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = finish(child);
@@ -255,19 +260,8 @@ fn control_socket_pause_resume_status_stop_and_wait() {
         return;
     }
     let dir = Scratch::new("api");
-    let kernel = dir.kernel(SPIN);
-    let fifo = dir.path("serial");
     let api = dir.path("api.sock");
-    mkfifo(&fifo);
-    let child = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--serial",
-        &format!("file:{}", s(&fifo)),
-        "--api-sock",
-        s(&api),
-    ]);
-    let _serial = wait_ready(&fifo);
+    let (child, _serial) = spawn_spin(&dir, &["--api-sock", s(&api)]);
     let mut c = connect(&api);
     let mut waiter = connect(&api);
     waiter.0.write_all(b"{\"cmd\":\"wait\"}\n").unwrap();
@@ -447,28 +441,12 @@ fn thread_seccomp_modes(extra: &[&str]) -> Vec<(String, String)> {
     } else {
         "seccomp-off"
     });
-    let kernel = dir.kernel(SPIN);
-    let fifo = dir.path("serial");
     let api = dir.path("api.sock");
     let disk = dir.path("disk.img");
     std::fs::write(&disk, vec![0u8; 4096]).unwrap();
-    mkfifo(&fifo);
-    let serial = format!("file:{}", s(&fifo));
-    let mut args = vec![
-        "--kernel",
-        s(&kernel),
-        "--serial",
-        &serial,
-        "--vcpus",
-        "2",
-        "--blk",
-        s(&disk),
-        "--api-sock",
-        s(&api),
-    ];
+    let mut args = vec!["--vcpus", "2", "--blk", s(&disk), "--api-sock", s(&api)];
     args.extend_from_slice(extra);
-    let child = spawn(&args);
-    let _serial = wait_ready(&fifo);
+    let (child, _serial) = spawn_spin(&dir, &args);
     // The vCPUs filter themselves before entering the guest (which printed "ready"); the disk
     // thread did before the vCPUs were started; the event loop did before serving requests.
     let mut c = connect(&api);
@@ -558,22 +536,10 @@ fn boot_spin(
     (UnixStream, BufReader<UnixStream>),
     BufReader<std::fs::File>,
 ) {
-    let kernel = dir.kernel(SPIN);
-    let fifo = dir.path("serial");
     let api = dir.path("api.sock");
-    mkfifo(&fifo);
-    let serial = format!("file:{}", s(&fifo));
-    let mut args = vec![
-        "--kernel",
-        s(&kernel),
-        "--serial",
-        &serial,
-        "--api-sock",
-        s(&api),
-    ];
+    let mut args = vec!["--api-sock", s(&api)];
     args.extend_from_slice(extra);
-    let child = spawn(&args);
-    let reader = wait_ready(&fifo);
+    let (child, reader) = spawn_spin(dir, &args);
     let mut c = connect(&api);
     assert_eq!(request(&mut c, r#"{"cmd":"status"}"#)["state"], "running");
     (child, c, reader)
@@ -760,19 +726,7 @@ fn jail_uid_runs_the_vmm_unprivileged() {
         assert!(err.contains("/dev/kvm"), "{err}");
         return;
     }
-    let fifo = dir.path("serial");
-    mkfifo(&fifo);
-    std::fs::set_permissions(&fifo, std::os::unix::fs::PermissionsExt::from_mode(0o666)).unwrap();
-    let serial = format!("file:{}", s(&fifo));
-    let child = spawn(&[
-        "--kernel",
-        s(&kernel),
-        "--serial",
-        &serial,
-        "--jail-uid",
-        "65534",
-    ]);
-    let _serial = wait_ready(&fifo);
+    let (child, _serial) = spawn_spin(&dir, &["--jail-uid", "65534"]);
     let vmm = vmm_pid(child.id());
     assert_eq!(status_field(vmm, "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(vmm, "CapEff"), "0000000000000000");
