@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -282,16 +282,13 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == std::os::fd::AsRawFd::as_raw_fd(&self.evts[0]) {
-            let _ = self.evts[0].read();
+        if super::fired_queue(&self.evts, &events).is_some() {
             self.process_queue();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.evts[0], EventSet::IN)) {
-            tracing::error!("virtio-blk: cannot register queue event: {e:?}");
-        }
+        super::register_queue_events(&self.evts, ops, "virtio-blk");
     }
 }
 

@@ -4,11 +4,10 @@
 //! Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the single request queue.
 //! No DAX window: the guest reads and writes through the queues.
 
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
@@ -149,18 +148,13 @@ impl VirtioDevice for Fs {
 
 impl MutEventSubscriber for Fs {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if let Some(i) = self.evts.iter().position(|e| e.as_raw_fd() == events.fd()) {
-            let _ = self.evts[i].read();
+        if let Some(i) = super::fired_queue(&self.evts, &events) {
             self.process_queue(i);
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for e in &self.evts {
-            if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
-                tracing::error!("virtio-fs: cannot register queue event: {err:?}");
-            }
-        }
+        super::register_queue_events(&self.evts, ops, "virtio-fs");
     }
 }
 

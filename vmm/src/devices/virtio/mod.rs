@@ -15,6 +15,9 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use std::os::fd::AsRawFd;
+
+use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -159,6 +162,24 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
     let n = data.len().min(config.len() - start);
     data[..n].copy_from_slice(&config[start..start + n]);
+}
+
+/// Registers each queue's notification eventfd with the device's event loop (the `init` of a
+/// device's `MutEventSubscriber`); `device` names it in the error log.
+pub fn register_queue_events(evts: &[EventFd], ops: &mut EventOps, device: &str) {
+    for e in evts {
+        if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
+            tracing::error!("{device}: cannot register queue event: {err:?}");
+        }
+    }
+}
+
+/// The index of the queue whose notification eventfd fired in `events`, its counter consumed
+/// (the `process` of a device's `MutEventSubscriber`); `None` for any other descriptor.
+pub fn fired_queue(evts: &[EventFd], events: &Events) -> Option<usize> {
+    let i = evts.iter().position(|e| e.as_raw_fd() == events.fd())?;
+    let _ = evts[i].read();
+    Some(i)
 }
 
 /// Returns each popped chain to the used ring with the length `handle` reports, then raises

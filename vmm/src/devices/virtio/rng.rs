@@ -1,7 +1,7 @@
 //! virtio-rng: fills device-writable buffers with bytes from the host's `getrandom(2)`, so
 //! the guest has entropy from early boot.
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::io::Write;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -104,16 +104,13 @@ impl VirtioDevice for Rng {
 
 impl MutEventSubscriber for Rng {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == std::os::fd::AsRawFd::as_raw_fd(&self.evts[0]) {
-            let _ = self.evts[0].read();
+        if super::fired_queue(&self.evts, &events).is_some() {
             self.process_queue();
         }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.evts[0], EventSet::IN)) {
-            tracing::error!("virtio-rng: cannot register queue event: {e:?}");
-        }
+        super::register_queue_events(&self.evts, ops, "virtio-rng");
     }
 }
 
