@@ -200,6 +200,15 @@ fn serial_out(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, BuildError> {
     })
 }
 
+/// One step of the boot timeline at debug level (`MOAT_VMM_LOG=debug`): where the VMM's share
+/// of a boot goes, in ms since `start` (the VMM's start).
+pub fn log_timeline(start: Instant, step: &str) {
+    tracing::debug!(
+        "boot timeline: {step} at {} ms",
+        start.elapsed().as_micros() as f64 / 1000.0
+    );
+}
+
 /// Builds the VM described by `cfg`. `start` is the VMM's start time (for the boot marker),
 /// `signal_fd` delivers termination signals, `api_evt` wakes the event loop for control
 /// requests (hand the control socket itself over with [`Vmm::set_api`]).
@@ -210,13 +219,7 @@ pub fn build(
     api_evt: Option<EventFd>,
     signal_fd: Option<OwnedFd>,
 ) -> Result<Vmm, BuildError> {
-    // The boot timeline at debug level (`MOAT_VMM_LOG=debug`): where the VMM's share of a boot goes.
-    let timeline = |step: &str| {
-        tracing::debug!(
-            "boot timeline: {step} at {} ms",
-            start.elapsed().as_micros() as f64 / 1000.0
-        )
-    };
+    let timeline = |step: &str| log_timeline(start, step);
     timeline("building");
     let mem_size = cfg.mem_mib << 20;
     let mem = layout::create_guest_memory(cfg.mem_mib)?;

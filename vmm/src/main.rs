@@ -146,12 +146,7 @@ fn run() -> i32 {
     // Still single-threaded, and already in the pod's network namespace.
     if cfg.jail.enabled {
         match moat_vmm::jail::enter(&mut cfg) {
-            Ok(moat_vmm::jail::Role::Vmm) => {
-                tracing::debug!(
-                    "boot timeline: jail entered at {} ms",
-                    start.elapsed().as_micros() as f64 / 1000.0
-                );
-            }
+            Ok(moat_vmm::jail::Role::Vmm) => moat_vmm::builder::log_timeline(start, "jail entered"),
             Ok(moat_vmm::jail::Role::Supervisor(code)) => return code,
             Err(e) => {
                 eprintln!("moat-vmm: {e}");

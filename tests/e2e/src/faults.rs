@@ -299,7 +299,7 @@ fn guest_panic() -> Check {
         "-c",
         "echo 2 > /proc/sys/vm/panic_on_oom && echo armed && exec dd if=/dev/zero of=/dev/null bs=64M",
     ])?;
-    let res = (|| {
+    with_cleanup(c, id, || {
         ensure(
             text(&out.stdout).contains("armed"),
             format!("the container could not arm panic_on_oom: {}", both(&out)),
@@ -330,11 +330,7 @@ fn guest_panic() -> Check {
             format!("moat-vmm did not end with a guest reset (status 0): {exit}"),
         )?;
         ensure_nothing_left(c, id)
-    })();
-    if res.is_err() {
-        force_remove(c, id);
-    }
-    res
+    })
 }
 
 // --- 5. create/delete cycles -------------------------------------------------------------------
@@ -538,7 +534,7 @@ fn bind_symlink() -> Check {
         "cat",
         "/mnt/shared/file",
     ])?;
-    let res = (|| {
+    with_cleanup(c, id, || {
         check(&out, "ctr run with a symlinked bind source")?;
         ensure(
             text(&out.stdout).contains("through the link"),
@@ -551,11 +547,7 @@ fn bind_symlink() -> Check {
             real.join("file").is_file() && link.exists(),
             "cleanup removed the host files behind a bind mount",
         )
-    })();
-    if res.is_err() {
-        force_remove(c, id);
-    }
-    res
+    })
 }
 
 /// `ctr run --rm --runtime-config-path CONFIG ... true` must fail naming `needle`, and leave
@@ -572,11 +564,10 @@ fn bad_config_run(c: &Containerd, config: &Path, id: &str, what: &str, needle: &
         id,
         "true",
     ])?;
-    let res = expect_failure(&out, what, needle).and_then(|()| ensure_nothing_left(c, id));
-    if res.is_err() {
-        force_remove(c, id);
-    }
-    res
+    with_cleanup(c, id, || {
+        expect_failure(&out, what, needle)?;
+        ensure_nothing_left(c, id)
+    })
 }
 
 fn broken_config() -> Check {
@@ -673,16 +664,12 @@ fn tiny_memory() -> Check {
         "echo",
         "ran",
     ])?;
-    let res = (|| {
+    with_cleanup(c, id, || {
         // The agent refuses limits below what a process can start in (CreateContainer fails),
         // and the pod goes with the failed create.
         expect_failure(&out, "a 1-byte memory limit", "minimum")?;
         ensure_nothing_left(c, id)
-    })();
-    if res.is_err() {
-        force_remove(c, id);
-    }
-    res
+    })
 }
 
 /// Pipes `len` bytes into `ctr run --rm IMAGE id ARGS...`.
@@ -728,7 +715,7 @@ fn oversize_stdin() -> Check {
     const LEN: usize = 16 << 20;
     let id = "f-stdin-all";
     let out = run_with_stdin(c, id, &["wc", "-c"], LEN)?;
-    let res = (|| {
+    with_cleanup(c, id, || {
         check(&out, "16 MiB into wc -c")?;
         ensure(
             text(&out.stdout).trim() == LEN.to_string(),
@@ -738,24 +725,16 @@ fn oversize_stdin() -> Check {
             ),
         )?;
         ensure_nothing_left(c, id)
-    })();
-    if res.is_err() {
-        force_remove(c, id);
-        return res;
-    }
+    })?;
     // A container that stops reading after one byte: the task still ends and nothing is left.
     let id = "f-stdin-head";
     let out = run_with_stdin(c, id, &["head", "-c", "1"], LEN)?;
-    let res = (|| {
+    with_cleanup(c, id, || {
         check(&out, "16 MiB into head -c 1")?;
         ensure(
             text(&out.stdout) == "x",
             format!("head -c 1 printed {:?}", text(&out.stdout)),
         )?;
         ensure_nothing_left(c, id)
-    })();
-    if res.is_err() {
-        force_remove(c, id);
-    }
-    res
+    })
 }
