@@ -18,13 +18,20 @@ pub enum ImageError {
     /// A file system step failed.
     #[error("building the busybox image: {what}: {source}")]
     Io {
+        /// The step that failed.
         what: String,
+        /// The underlying I/O error.
         #[source]
         source: std::io::Error,
     },
     /// A helper command (busybox, tar, sha256sum) failed.
     #[error("building the busybox image: `{command}` failed: {detail}")]
-    Command { command: String, detail: String },
+    Command {
+        /// The command line that was run.
+        command: String,
+        /// Its exit status and standard error.
+        detail: String,
+    },
 }
 
 fn io<T>(what: impl Into<String>, r: std::io::Result<T>) -> Result<T, ImageError> {

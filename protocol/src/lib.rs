@@ -48,6 +48,20 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The guest vsock port the agent serves on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The agent's state directory in the guest (a tmpfs the agent mounts at start).
+pub const GUEST_STATE_DIR: &str = "/run/moat";
+
+/// Where the agent mounts each virtio-fs share in the guest: `GUEST_VIRTIOFS_ROOT/<tag>`.
+pub const GUEST_VIRTIOFS_ROOT: &str = "/run/moat/virtiofs";
+
+/// The virtio-fs tag of the pod's shared directory (container rootfs and volumes).
+pub const SHARED_FS_TAG: &str = "moatfs";
+
+/// The guest path of `rel` inside the pod's shared directory (`SHARED_FS_TAG`).
+pub fn guest_shared_path(rel: &str) -> String {
+    format!("{GUEST_VIRTIOFS_ROOT}/{SHARED_FS_TAG}/{rel}")
+}
+
 /// Fully qualified ttrpc service name (for logs and diagnostics).
 pub const SERVICE_NAME: &str = "moat.agent.v1.Agent";
 
@@ -86,5 +100,14 @@ mod tests {
         v.protocol_version = PROTOCOL_VERSION + 1;
         let e = ensure_compatible(&v).unwrap_err();
         assert!(e.to_string().contains("rebuild"), "{e}");
+    }
+
+    #[test]
+    fn guest_paths_nest_under_the_agent_state_dir() {
+        assert!(GUEST_VIRTIOFS_ROOT.starts_with(GUEST_STATE_DIR));
+        assert_eq!(
+            guest_shared_path("c1/rootfs"),
+            format!("{GUEST_STATE_DIR}/virtiofs/{SHARED_FS_TAG}/c1/rootfs")
+        );
     }
 }

@@ -104,11 +104,12 @@ pub enum ApiError {
         /// Socket path.
         path: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
     /// A thread or eventfd could not be created.
     #[error("cannot start the control socket: {0}")]
-    Setup(std::io::Error),
+    Setup(#[source] std::io::Error),
 }
 
 /// Client connections: a handle to shut each down, and its thread.

@@ -23,12 +23,12 @@ use crate::arch::x86_64::regs::BootEntry;
 use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{SerialOut, VmConfig, DEFAULT_CMDLINE};
 use crate::devices::legacy::{self, BootMarker, SerialDevice, SerialInput, I8042, MARKER_UNSET};
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioError, MmioTransport};
 use crate::devices::virtio::{blk, fs, net, rng, vsock, IrqTrigger, VirtioDevice};
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::seccomp::SeccompPolicy;
-use crate::vmm::{ControlEvents, DeviceThread, Subscriber, Vmm};
+use crate::vmm::{ControlEvents, DeviceThread, Subscriber, Vmm, VmmError};
 use crate::vstate::vcpu::{VcpuContext, VcpuControl};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -47,6 +47,7 @@ pub enum BuildError {
         /// Path.
         path: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
     /// The kernel is neither a loadable ELF nor a bzImage.
@@ -55,6 +56,7 @@ pub enum BuildError {
         /// Path.
         path: String,
         /// Loader error.
+        #[source]
         err: loader::Error,
     },
     /// The initrd cannot be opened.
@@ -63,6 +65,7 @@ pub enum BuildError {
         /// Path.
         path: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
     /// Boot structures could not be written.
@@ -70,10 +73,10 @@ pub enum BuildError {
     Boot(#[from] boot::BootError),
     /// The command line is invalid or too long.
     #[error("kernel command line: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
+    Cmdline(#[source] linux_loader::cmdline::Error),
     /// The command line could not be copied into guest memory.
     #[error("cannot write the kernel command line: {0}")]
-    CmdlineLoad(loader::Error),
+    CmdlineLoad(#[source] loader::Error),
     /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
@@ -86,11 +89,33 @@ pub enum BuildError {
         /// Path.
         path: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
-    /// A device could not be created.
-    #[error("{0}")]
-    Device(String),
+    /// A virtio-mmio transport could not be created.
+    #[error(transparent)]
+    Mmio(#[from] MmioError),
+    /// The vsock device could not be created.
+    #[error(transparent)]
+    Vsock(#[from] vsock::VsockError),
+    /// A virtio-fs device could not be created.
+    #[error(transparent)]
+    Fs(#[from] fs::FsError),
+    /// A virtio-blk device could not be created.
+    #[error(transparent)]
+    Blk(#[from] blk::BlkError),
+    /// A virtio-net device could not be created.
+    #[error(transparent)]
+    Net(#[from] net::NetError),
+    /// No random MAC address could be generated for a `--net` device without `mac=`.
+    #[error("cannot generate a MAC address: {0}")]
+    MacAddr(#[source] std::io::Error),
+    /// A device thread (its event manager or the thread itself) could not be started.
+    #[error(transparent)]
+    DeviceThread(#[from] VmmError),
+    /// The event loop's event manager could not be created.
+    #[error("cannot create event manager: {0:?}")]
+    EventManager(#[source] event_manager::Error),
     /// More virtio devices than interrupt lines.
     #[error("too many virtio devices: at most {} are supported", IRQ_MAX - IRQ_VIRTIO_FIRST + 1)]
     TooManyDevices,
@@ -99,7 +124,7 @@ pub enum BuildError {
     Bus(#[from] BusError),
     /// An eventfd, epoll or similar OS object could not be created.
     #[error("cannot create {0}: {1}")]
-    Os(&'static str, std::io::Error),
+    Os(&'static str, #[source] std::io::Error),
 }
 
 struct Devices<'a> {
@@ -138,15 +163,16 @@ impl Devices<'_> {
             )?;
         }
         let virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-        let transport = MmioTransport::new(virtio, self.mem.clone(), trigger)
-            .map_err(|e| BuildError::Device(e.to_string()))?;
+        let transport = MmioTransport::new(virtio, self.mem.clone(), trigger)?;
         self.mmio
             .insert(Arc::new(Mutex::new(transport)), base, MMIO_DEVICE_SIZE)?;
         match own_thread {
-            Some(name) => self.threads.push(
-                DeviceThread::spawn(name, dev, self.seccomp, self.exit.clone())
-                    .map_err(|e| BuildError::Os("device thread", e))?,
-            ),
+            Some(name) => self.threads.push(DeviceThread::spawn(
+                name,
+                dev,
+                self.seccomp,
+                self.exit.clone(),
+            )?),
             None => {
                 self.em.add_subscriber(dev);
             }
@@ -225,8 +251,7 @@ pub fn build(
     let mem = layout::create_guest_memory(cfg.mem_mib)?;
     let vm = Vm::new(&mem)?;
     timeline("guest memory and KVM VM ready");
-    let mut em: EventManager<Subscriber> = EventManager::new()
-        .map_err(|e| BuildError::Os("event manager", std::io::Error::other(format!("{e:?}"))))?;
+    let mut em: EventManager<Subscriber> = EventManager::new().map_err(BuildError::EventManager)?;
 
     let (kernel, entry) = load_kernel(&mem, cfg)?;
     timeline("kernel loaded");
@@ -296,18 +321,15 @@ pub fn build(
     // vsock and rng only shuffle bytes: the shared event loop. fs and blk make blocking file
     // system calls (including fsync): a thread each, so they cannot stall the others.
     if let Some(v) = &cfg.vsock {
-        let dev =
-            vsock::Vsock::new(v.cid, &v.uds).map_err(|e| BuildError::Device(e.to_string()))?;
+        let dev = vsock::Vsock::new(v.cid, &v.uds)?;
         devices.add(dev, None)?;
     }
     for share in &cfg.fs {
-        let dev =
-            fs::Fs::new(&share.tag, &share.dir).map_err(|e| BuildError::Device(e.to_string()))?;
+        let dev = fs::Fs::new(&share.tag, &share.dir)?;
         devices.add(dev, Some(format!("fs-{}", share.tag)))?;
     }
     for (i, disk) in cfg.blk.iter().enumerate() {
-        let dev = blk::Block::new(&disk.path, disk.read_only)
-            .map_err(|e| BuildError::Device(e.to_string()))?;
+        let dev = blk::Block::new(&disk.path, disk.read_only)?;
         devices.add(dev, Some(format!("blk{i}")))?;
     }
     if cfg.rng {
@@ -319,9 +341,9 @@ pub fn build(
     for n in &cfg.net {
         let mac = match n.mac {
             Some(m) => m,
-            None => net::MacAddr::random_local().map_err(|e| BuildError::Device(e.to_string()))?,
+            None => net::MacAddr::random_local().map_err(BuildError::MacAddr)?,
         };
-        let dev = net::Net::new(&n.tap, mac).map_err(|e| BuildError::Device(e.to_string()))?;
+        let dev = net::Net::new(&n.tap, mac)?;
         devices.add(dev, None)?;
     }
     let device_threads = std::mem::take(&mut devices.threads);

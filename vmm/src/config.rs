@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use crate::devices::virtio::net::MacAddr;
 use crate::devices::virtio::tap;
-use crate::jail::JailConfig;
 use crate::seccomp::SeccompPolicy;
 
 /// Where the guest console (COM1) goes.
@@ -78,6 +77,25 @@ pub struct VsockConfig {
     pub uds: PathBuf,
     /// Guest CID.
     pub cid: u64,
+}
+
+/// Confinement options (`--no-jail`, `--jail-uid`, `--jail-gid`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailConfig {
+    /// Confine the VMM (the default); `--no-jail` turns it off.
+    pub enabled: bool,
+    /// Run as this uid/gid instead of uid 0 without capabilities. The caller makes sure that
+    /// uid/gid can open `/dev/kvm` and everything the configuration names.
+    pub ids: Option<(u32, u32)>,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ids: None,
+        }
+    }
 }
 
 /// Everything needed to build the VM.

@@ -36,13 +36,13 @@ pub enum ThreadKind {
 pub enum SeccompError {
     /// The rules did not compile (a bug in this module).
     #[error("cannot build the {0:?} seccomp filter: {1}")]
-    Build(ThreadKind, seccompiler::BackendError),
+    Build(ThreadKind, #[source] seccompiler::BackendError),
     /// The rules did not compile to BPF.
     #[error("cannot compile the {0:?} seccomp filter: {1}")]
-    Compile(ThreadKind, seccompiler::BackendError),
+    Compile(ThreadKind, #[source] seccompiler::BackendError),
     /// The kernel refused the filter.
     #[error("cannot install the {0:?} seccomp filter: {1}")]
-    Install(ThreadKind, seccompiler::Error),
+    Install(ThreadKind, #[source] seccompiler::Error),
 }
 
 /// Whether the VMM's threads run under their seccomp filters.
@@ -306,8 +306,8 @@ mod tests {
     fn vcpu_filter_kills_on_a_non_kvm_run_ioctl() {
         let prog = filter(ThreadKind::Vcpu).unwrap();
         let status = in_filtered_child(&prog, || {
-            // SAFETY: FIONBIO on stdin with a valid pointer; must be killed before it runs.
             let on: libc::c_int = 1;
+            // SAFETY: FIONBIO on stdin with a valid pointer; must be killed before it runs.
             unsafe { libc::ioctl(0, FIONBIO as _, &on) };
         });
         assert!(libc::WIFSIGNALED(status), "status {status:#x}");

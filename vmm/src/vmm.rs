@@ -124,28 +124,30 @@ impl DeviceThread {
         device: Subscriber,
         seccomp: SeccompPolicy,
         exit: Arc<ExitNotifier>,
-    ) -> std::io::Result<Self> {
-        let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+    ) -> Result<Self, VmmError> {
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::DeviceThread)?;
         let flag = Arc::new(Mutex::new(StopFlag {
-            evt: stop.try_clone()?,
+            evt: stop.try_clone().map_err(VmmError::DeviceThread)?,
             stopped: false,
         }));
         let mut em: EventManager<Subscriber> =
-            EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            EventManager::new().map_err(VmmError::EventManager)?;
         em.add_subscriber(device);
         em.add_subscriber(flag.clone());
-        let handle = crate::thread_builder(name).spawn(move || {
-            if let Err(e) = seccomp.apply(ThreadKind::Worker) {
-                exit.notify(ExitReason::VmmError(e.to_string()));
-                return;
-            }
-            while !crate::devices::lock(&flag).stopped {
-                if let Err(e) = em.run() {
-                    tracing::error!("device event loop: {e:?}");
+        let handle = crate::thread_builder(name)
+            .spawn(move || {
+                if let Err(e) = seccomp.apply(ThreadKind::Worker) {
+                    exit.notify(ExitReason::VmmError(e.to_string()));
                     return;
                 }
-            }
-        })?;
+                while !crate::devices::lock(&flag).stopped {
+                    if let Err(e) = em.run() {
+                        tracing::error!("device event loop: {e:?}");
+                        return;
+                    }
+                }
+            })
+            .map_err(VmmError::DeviceThread)?;
         Ok(Self {
             stop,
             handle: Some(handle),
@@ -170,6 +172,12 @@ pub enum VmmError {
     /// The vCPU threads could not be started.
     #[error(transparent)]
     Vcpu(#[from] crate::vstate::vcpu::VcpuError),
+    /// A device thread's event manager could not be created.
+    #[error("cannot create event manager: {0:?}")]
+    EventManager(#[source] event_manager::Error),
+    /// A device thread (its stop eventfd, or the thread itself) could not be created.
+    #[error("cannot create device thread: {0}")]
+    DeviceThread(#[source] std::io::Error),
 }
 
 /// A built VM, ready to run.

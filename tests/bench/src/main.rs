@@ -94,6 +94,7 @@ pub struct Report {
 }
 
 impl Report {
+    /// Starts a table titled `title`.
     pub fn section(&mut self, title: &str) {
         let _ = write!(
             self.body,
@@ -101,6 +102,7 @@ impl Report {
         );
     }
 
+    /// Adds one row to the current table.
     pub fn row(&mut self, metric: &str, moat: &str, peer: &str, ratio: &str, target: &str) {
         let _ = writeln!(
             self.body,
@@ -108,10 +110,12 @@ impl Report {
         );
     }
 
+    /// Keeps a raw measurement line for the appendix.
     pub fn raw(&mut self, line: String) {
         self.raw.push(line);
     }
 
+    /// Records that an item failed, with its error.
     pub fn fail(&mut self, item: &str, err: &dyn std::fmt::Display) {
         let _ = write!(self.body, "\n### {item}: FAILED\n\n```\n{err}\n```\n");
     }

@@ -24,8 +24,11 @@ pub const CTR_LIMIT: u32 = 300;
 
 /// A running private containerd.
 pub struct Containerd {
+    /// Its private root: config, root, state and logs live below it.
     pub dir: PathBuf,
+    /// Its gRPC socket (`ctr --address`).
     pub socket: PathBuf,
+    /// The moat shim's state directory (`state_dir` of the moat config it uses).
     pub moat_state: PathBuf,
     child: Mutex<Option<Child>>,
 }

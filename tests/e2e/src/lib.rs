@@ -36,6 +36,7 @@ pub fn ensure(cond: bool, msg: impl fmt::Display) -> Check {
 
 /// Converts any displayable error into a check failure with context.
 pub trait Context<T> {
+    /// Turns an error into a [`Failed`] whose message starts with `what`.
     fn context(self, what: impl fmt::Display) -> Result<T, Failed>;
 }
 
@@ -120,6 +121,7 @@ pub struct Scratch {
 }
 
 impl Scratch {
+    /// Creates `$TMPDIR/moat-e2e-LABEL-PID-SEQ`.
     pub fn new(label: &str) -> Result<Self, Failed> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let path = env::temp_dir().join(format!(
@@ -131,6 +133,7 @@ impl Scratch {
         Ok(Self { path })
     }
 
+    /// The directory's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -22,10 +22,10 @@ use crate::seccomp::{SeccompPolicy, ThreadKind};
 pub enum VcpuError {
     /// Installing the kick signal handler failed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
-    SignalHandler(vmm_sys_util::errno::Error),
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
     /// The OS refused a thread.
     #[error("cannot spawn vCPU thread: {0}")]
-    Spawn(std::io::Error),
+    Spawn(#[source] std::io::Error),
 }
 
 /// Offset from SIGRTMIN of the signal used to kick vCPU threads out of `KVM_RUN`.

@@ -15,16 +15,16 @@ use crate::arch::x86_64::{cpuid, layout, regs};
 pub enum VmError {
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm (is KVM available and accessible?): {0}")]
-    OpenKvm(kvm_ioctls::Error),
+    OpenKvm(#[source] kvm_ioctls::Error),
     /// The host KVM lacks a capability moat-vmm needs.
     #[error("host KVM lacks required capability {0:?}")]
     MissingCap(Cap),
     /// A KVM ioctl failed.
     #[error("KVM {0} failed: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// Setting up a vCPU's registers failed.
     #[error("vCPU {0} setup: {1}")]
-    Regs(u8, regs::RegsError),
+    Regs(u8, #[source] regs::RegsError),
 }
 
 /// A KVM VM with its guest memory registered.

@@ -39,10 +39,10 @@ pub enum BootError {
     },
     /// Reading the initrd into guest memory failed.
     #[error("cannot read initrd into guest memory: {0}")]
-    InitrdRead(vm_memory::GuestMemoryError),
+    InitrdRead(#[source] vm_memory::GuestMemoryError),
     /// Reading the initrd metadata failed.
     #[error("cannot stat initrd: {0}")]
-    InitrdStat(std::io::Error),
+    InitrdStat(#[source] std::io::Error),
     /// linux-loader refused to write the boot parameters.
     #[error("cannot write boot parameters: {0}")]
     Configurator(#[from] linux_loader::configurator::Error),

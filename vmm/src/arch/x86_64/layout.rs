@@ -98,16 +98,16 @@ pub enum LayoutError {
     /// mmap of guest RAM failed (the host is out of memory or address space, or an rlimit
     /// on the address space is lower than the guest's RAM).
     #[error("cannot map guest memory: {0}")]
-    Mmap(std::io::Error),
+    Mmap(#[source] std::io::Error),
     /// vm-memory refused the mapping.
     #[error("cannot wrap guest memory: {0}")]
-    Wrap(vm_memory::mmap::MmapRegionError),
+    Wrap(#[source] vm_memory::mmap::MmapRegionError),
     /// A RAM region would end beyond the guest physical address space.
     #[error("guest memory region at {0:#x} overflows the address space")]
     Overflow(u64),
     /// The RAM regions overlap or are out of order (a bug in `ram_ranges`).
     #[error("invalid guest memory layout: {0}")]
-    Regions(vm_memory::GuestRegionCollectionError),
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
 }
 
 /// The guest RAM ranges for `mem_size` bytes: everything below the MMIO hole, the rest above 4 GiB.

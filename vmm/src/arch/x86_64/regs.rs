@@ -23,7 +23,7 @@ pub enum BootEntry {
 pub enum RegsError {
     /// A KVM vCPU ioctl failed.
     #[error("KVM {0} failed: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// Writing the GDT or page tables into guest memory failed.
     #[error("cannot write boot tables into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),

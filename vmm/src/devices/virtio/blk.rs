@@ -39,7 +39,8 @@ const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 /// Length of the device id returned by GET_ID.
 const ID_LEN: usize = 20;
 
-/// Errors opening the backing file.
+/// Errors opening the backing file, and why a request failed (reported to the guest as a
+/// status byte).
 #[derive(Debug, thiserror::Error)]
 pub enum BlkError {
     /// The file cannot be opened with the requested access.
@@ -48,6 +49,7 @@ pub enum BlkError {
         /// The path.
         path: String,
         /// The OS error.
+        #[source]
         err: std::io::Error,
     },
     /// The file size is not a multiple of 512 bytes.
@@ -55,24 +57,28 @@ pub enum BlkError {
     Size(String),
     /// Creating the queue eventfd failed.
     #[error("cannot create eventfd: {0}")]
-    EventFd(std::io::Error),
-}
-
-/// Why a request failed (reported to the guest as a status byte).
-#[derive(Debug, thiserror::Error)]
-enum RequestError {
+    EventFd(#[source] std::io::Error),
+    /// The request header could not be read from the chain.
+    #[error("malformed descriptor chain: short request header: {0}")]
+    ShortHeader(#[source] std::io::Error),
+    /// Data could not be copied between the chain and the host buffer.
     #[error("malformed descriptor chain: {0}")]
-    Chain(String),
+    Chain(#[source] std::io::Error),
+    /// The request reaches past the end of the disk.
     #[error("request beyond the end of the disk (sector {0}, {1} bytes)")]
     OutOfRange(u64, usize),
+    /// The transfer is not made of whole sectors, or exceeds the largest request.
     #[error("transfer length {0} is not a multiple of 512 or too large")]
     BadLength(usize),
+    /// A write request to a disk opened read-only.
     #[error("write to a read-only disk")]
     ReadOnly,
+    /// A request type the device does not implement.
     #[error("unsupported request type {0}")]
     Unsupported(u32),
+    /// The backing file refused the read, write or flush.
     #[error("host I/O error: {0}")]
-    Io(std::io::Error),
+    Io(#[source] std::io::Error),
 }
 
 /// The block device.
@@ -160,7 +166,7 @@ impl Block {
         };
         let (status, data_len) = match self.execute(&mut reader, &mut writer) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
-            Err(RequestError::Unsupported(t)) => {
+            Err(BlkError::Unsupported(t)) => {
                 tracing::debug!("virtio-blk: unsupported request type {t}");
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
@@ -181,11 +187,9 @@ impl Block {
         &mut self,
         reader: &mut virtio_queue::Reader<'_>,
         writer: &mut virtio_queue::Writer<'_>,
-    ) -> Result<usize, RequestError> {
+    ) -> Result<usize, BlkError> {
         let mut hdr = [0u8; 16];
-        reader
-            .read_exact(&mut hdr)
-            .map_err(|e| RequestError::Chain(format!("short request header: {e}")))?;
+        reader.read_exact(&mut hdr).map_err(BlkError::ShortHeader)?;
         let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
         let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
         match kind {
@@ -195,52 +199,44 @@ impl Block {
                 let mut buf = vec![0u8; len];
                 self.file
                     .read_exact_at(&mut buf, off)
-                    .map_err(RequestError::Io)?;
-                writer
-                    .write_all(&buf)
-                    .map_err(|e| RequestError::Chain(e.to_string()))?;
+                    .map_err(BlkError::Io)?;
+                writer.write_all(&buf).map_err(BlkError::Chain)?;
                 Ok(len)
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only {
-                    return Err(RequestError::ReadOnly);
+                    return Err(BlkError::ReadOnly);
                 }
                 let len = reader.available_bytes();
                 let off = self.check_range(sector, len)?;
                 let mut buf = vec![0u8; len];
-                reader
-                    .read_exact(&mut buf)
-                    .map_err(|e| RequestError::Chain(e.to_string()))?;
-                self.file
-                    .write_all_at(&buf, off)
-                    .map_err(RequestError::Io)?;
+                reader.read_exact(&mut buf).map_err(BlkError::Chain)?;
+                self.file.write_all_at(&buf, off).map_err(BlkError::Io)?;
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.read_only {
-                    self.file.sync_data().map_err(RequestError::Io)?;
+                    self.file.sync_data().map_err(BlkError::Io)?;
                 }
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
                 let n = writer.available_bytes().min(ID_LEN);
-                writer
-                    .write_all(&self.id[..n])
-                    .map_err(|e| RequestError::Chain(e.to_string()))?;
+                writer.write_all(&self.id[..n]).map_err(BlkError::Chain)?;
                 Ok(n)
             }
-            other => Err(RequestError::Unsupported(other)),
+            other => Err(BlkError::Unsupported(other)),
         }
     }
 
-    fn check_range(&self, sector: u64, len: usize) -> Result<u64, RequestError> {
+    fn check_range(&self, sector: u64, len: usize) -> Result<u64, BlkError> {
         if !(len as u64).is_multiple_of(SECTOR_SIZE) || len > MAX_REQUEST {
-            return Err(RequestError::BadLength(len));
+            return Err(BlkError::BadLength(len));
         }
         let sectors = len as u64 / SECTOR_SIZE;
         match sector.checked_add(sectors) {
             Some(end) if end <= self.capacity_sectors => Ok(sector * SECTOR_SIZE),
-            _ => Err(RequestError::OutOfRange(sector, len)),
+            _ => Err(BlkError::OutOfRange(sector, len)),
         }
     }
 

@@ -37,11 +37,12 @@ pub enum FsError {
         /// The directory.
         path: String,
         /// The error.
+        #[source]
         err: std::io::Error,
     },
     /// An eventfd could not be created.
     #[error("cannot create eventfd: {0}")]
-    EventFd(std::io::Error),
+    EventFd(#[source] std::io::Error),
 }
 
 /// The virtio-fs device.

@@ -8,7 +8,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateContext, ActivateError, IrqTrigger, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1,
+};
 use crate::devices::{lock, BusDevice};
 
 /// "virt" in little endian.
@@ -82,10 +84,19 @@ pub struct MmioTransport {
 pub enum MmioError {
     /// A queue size the virtio-queue crate rejects (not a power of two, or 0).
     #[error("invalid queue size: {0}")]
-    Queue(virtio_queue::Error),
+    Queue(#[source] virtio_queue::Error),
     /// Duplicating a queue eventfd failed.
     #[error("cannot clone queue eventfd: {0}")]
-    EventFd(std::io::Error),
+    EventFd(#[source] std::io::Error),
+    /// At DRIVER_OK, a ready queue's rings lie outside guest memory.
+    #[error("queue {0} is not valid in guest memory")]
+    InvalidQueue(usize),
+    /// At DRIVER_OK, a queue's state was refused by the virtio-queue crate.
+    #[error("queue state: {0}")]
+    QueueState(#[source] virtio_queue::Error),
+    /// The device refused activation.
+    #[error(transparent)]
+    Activate(#[from] ActivateError),
 }
 
 impl MmioTransport {
@@ -282,7 +293,7 @@ impl MmioTransport {
             .iter()
             .position(|q| q.ready() && !q.is_valid(&self.mem));
         let result = match invalid {
-            Some(i) => Err(format!("queue {i} is not valid in guest memory")),
+            Some(i) => Err(MmioError::InvalidQueue(i)),
             None => {
                 let queues = self
                     .queues
@@ -291,7 +302,7 @@ impl MmioTransport {
                     .collect::<Result<Vec<_>, _>>();
                 let queues = match queues {
                     Ok(q) => q,
-                    Err(e) => return self.activation_failed(format!("queue state: {e}")),
+                    Err(e) => return self.activation_failed(MmioError::QueueState(e)),
                 };
                 let ctx = ActivateContext {
                     mem: self.mem.clone(),
@@ -299,7 +310,7 @@ impl MmioTransport {
                     acked_features: self.acked_features,
                     irq: self.irq.clone(),
                 };
-                lock(&self.device).activate(ctx).map_err(|e| e.to_string())
+                lock(&self.device).activate(ctx).map_err(MmioError::from)
             }
         };
         match result {
@@ -308,7 +319,7 @@ impl MmioTransport {
         }
     }
 
-    fn activation_failed(&mut self, e: String) {
+    fn activation_failed(&mut self, e: MmioError) {
         tracing::error!("virtio-mmio: activation failed: {e}");
         self.status |= status::DEVICE_NEEDS_RESET;
         self.irq.trigger(INT_CONFIG);
@@ -381,7 +392,10 @@ mod tests {
         }
         fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
             if self.fail {
-                return Err(ActivateError::Backend("nope".into()));
+                return Err(ActivateError::Backend {
+                    what: "nope",
+                    err: std::io::Error::other("nope"),
+                });
             }
             self.activated = Some(ctx.queues.len());
             Ok(())

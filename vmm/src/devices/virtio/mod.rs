@@ -15,8 +15,6 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use std::os::fd::AsRawFd;
-
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -56,8 +54,14 @@ pub enum ActivateError {
         got: usize,
     },
     /// The device backend could not be started.
-    #[error("device backend: {0}")]
-    Backend(String),
+    #[error("device backend: {what}: {err}")]
+    Backend {
+        /// What the device was doing.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        err: std::io::Error,
+    },
 }
 
 /// The interrupt line of one virtio-mmio device: the InterruptStatus register and the irqfd.
@@ -165,20 +169,24 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 /// Registers each queue's notification eventfd with the device's event loop (the `init` of a
-/// device's `MutEventSubscriber`); `device` names it in the error log.
+/// device's `MutEventSubscriber`), with the queue's index as its token (the epoll data that
+/// comes back in [`Events::data`]); `device` names it in the error log. A device registering
+/// other descriptors gives them tokens from `evts.len()` on.
 pub fn register_queue_events(evts: &[EventFd], ops: &mut EventOps, device: &str) {
-    for e in evts {
-        if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
+    for (i, e) in evts.iter().enumerate() {
+        let token = u32::try_from(i).expect("a device has few queues");
+        if let Err(err) = ops.add(Events::with_data(e, token, EventSet::IN)) {
             tracing::error!("{device}: cannot register queue event: {err:?}");
         }
     }
 }
 
-/// The index of the queue whose notification eventfd fired in `events`, its counter consumed
-/// (the `process` of a device's `MutEventSubscriber`); `None` for any other descriptor.
+/// The index of the queue whose notification fired, from the token of `events` (see
+/// [`register_queue_events`]), its eventfd counter consumed (the `process` of a device's
+/// `MutEventSubscriber`); `None` for a token that is not a queue index.
 pub fn fired_queue(evts: &[EventFd], events: &Events) -> Option<usize> {
-    let i = evts.iter().position(|e| e.as_raw_fd() == events.fd())?;
-    let _ = evts[i].read();
+    let i = usize::try_from(events.data()).ok()?;
+    let _ = evts.get(i)?.read();
     Some(i)
 }
 

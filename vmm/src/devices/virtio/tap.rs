@@ -30,7 +30,7 @@ pub enum TapError {
     Missing(String),
     /// `/dev/net/tun` cannot be opened.
     #[error("cannot open /dev/net/tun (is the tun module loaded?): {0}")]
-    OpenTun(std::io::Error),
+    OpenTun(#[source] std::io::Error),
     /// `TUNSETIFF` refused the interface.
     #[error(
         "cannot attach to tap {name} (it must be a tap, not a tun or another kind of interface, \
@@ -40,6 +40,7 @@ pub enum TapError {
         /// Interface name.
         name: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
     /// A tap ioctl failed.
@@ -50,6 +51,7 @@ pub enum TapError {
         /// The ioctl.
         what: &'static str,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
     /// The namespace file cannot be opened.
@@ -58,6 +60,7 @@ pub enum TapError {
         /// The path.
         path: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
     /// `setns` refused the file.
@@ -69,6 +72,7 @@ pub enum TapError {
         /// The path.
         path: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
 }

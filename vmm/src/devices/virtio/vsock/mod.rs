@@ -1,15 +1,19 @@
 //! virtio-vsock device: the guest's `AF_VSOCK` stream sockets, bridged to host Unix sockets
 //! by the [`muxer::Muxer`] (hybrid style, see docs/vmm.md). Queues: RX (device → guest),
 //! TX (guest → device) and the event queue (unused: we never reset the transport).
+//!
+//! This file owns the device (config, activation, the TX/RX queue loops); `event_handler`
+//! dispatches event-loop wake-ups by token, `muxer` owns the host connections, `packet` the
+//! wire header.
 
+mod event_handler;
 pub mod muxer;
 pub mod packet;
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::EventOps;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,9 +28,21 @@ const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
 
-/// Errors creating the device.
+/// Errors creating the device, and why a TX packet was refused (logged, the chain returned).
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
+    /// A TX chain cannot be walked in guest memory.
+    #[error(transparent)]
+    Chain(#[from] virtio_queue::Error),
+    /// A TX chain shorter than the packet header.
+    #[error("short header: {0}")]
+    ShortHeader(#[source] std::io::Error),
+    /// The header announces more payload than the chain (or a packet) holds.
+    #[error("payload length {0} exceeds the buffer")]
+    PayloadLength(usize),
+    /// The payload could not be copied out of guest memory.
+    #[error("{0}")]
+    Payload(#[source] std::io::Error),
     /// The guest CID is reserved (0, 1, 2 and `u32::MAX` are not guest CIDs).
     #[error("invalid guest CID {0}: use a value from 3 to 4294967294")]
     Cid(u64),
@@ -35,7 +51,7 @@ pub enum VsockError {
     Muxer(#[from] MuxerError),
     /// An eventfd could not be created.
     #[error("cannot create eventfd: {0}")]
-    EventFd(std::io::Error),
+    EventFd(#[source] std::io::Error),
 }
 
 /// The vsock device.
@@ -127,15 +143,15 @@ impl Vsock {
 fn read_packet(
     chain: virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>,
     mem: &vm_memory::GuestMemoryMmap,
-) -> Result<(Header, Vec<u8>), String> {
-    let mut r = chain.reader(mem).map_err(|e| e.to_string())?;
-    let h: Header = r.read_obj().map_err(|e| format!("short header: {e}"))?;
+) -> Result<(Header, Vec<u8>), VsockError> {
+    let mut r = chain.reader(mem)?;
+    let h: Header = r.read_obj().map_err(VsockError::ShortHeader)?;
     let len = h.len as usize;
     if len > MAX_PAYLOAD || len > r.available_bytes() {
-        return Err(format!("payload length {len} exceeds the buffer"));
+        return Err(VsockError::PayloadLength(len));
     }
     let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|e| e.to_string())?;
+    r.read_exact(&mut payload).map_err(VsockError::Payload)?;
     Ok((h, payload))
 }
 
@@ -169,39 +185,6 @@ impl VirtioDevice for Vsock {
         if let Err(e) = self.evts[EVQ].write(1) {
             tracing::error!("vsock: cannot wake the event loop after a reset: {e}");
         }
-    }
-}
-
-impl MutEventSubscriber for Vsock {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.reset_pending {
-            self.reset_pending = false;
-            self.muxer.close_all(ops);
-        }
-        let fd = events.fd();
-        if fd == self.evts[RXQ].as_raw_fd() {
-            let _ = self.evts[RXQ].read();
-        } else if fd == self.evts[TXQ].as_raw_fd() {
-            let _ = self.evts[TXQ].read();
-            self.process_tx(ops);
-        } else if fd == self.evts[EVQ].as_raw_fd() {
-            let _ = self.evts[EVQ].read();
-        } else if self.muxer.owns(fd) {
-            self.muxer.handle_event(fd, events.event_set(), ops);
-        } else {
-            tracing::warn!("vsock: event for unknown fd {fd}");
-            let _ = ops.remove(events);
-        }
-        self.process_rx(ops);
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        for e in &self.evts {
-            if let Err(err) = ops.add(Events::new(e, EventSet::IN)) {
-                tracing::error!("vsock: cannot register queue event: {err:?}");
-            }
-        }
-        self.muxer.init(ops);
     }
 }
 

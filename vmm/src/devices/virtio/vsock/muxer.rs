@@ -29,6 +29,16 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest accepted `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 64;
 
+/// Event-loop token (epoll data) of every descriptor the muxer registers: the listener and
+/// each host connection. Never a queue index, so the device's event handler can tell them
+/// apart from queue notifications without comparing descriptors.
+pub const EVENT_TOKEN: u32 = u32::MAX;
+
+/// Registration of `fd` for `set` under [`EVENT_TOKEN`].
+fn watch<T: AsRawFd>(fd: &T, set: EventSet) -> Events {
+    Events::with_data(fd, EVENT_TOKEN, set)
+}
+
 /// (host port, guest port)
 type Key = (u32, u32);
 
@@ -142,6 +152,7 @@ pub enum MuxerError {
         /// Socket path.
         path: String,
         /// OS error.
+        #[source]
         err: std::io::Error,
     },
 }
@@ -191,7 +202,7 @@ impl Muxer {
 
     /// Registers the listener with the event loop.
     pub fn init(&self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+        if let Err(e) = ops.add(watch(&self.listener, EventSet::IN)) {
             tracing::error!("vsock: cannot register listener: {e:?}");
         }
     }
@@ -273,7 +284,7 @@ impl Muxer {
                         tracing::warn!("vsock: dropping host connection: {e}");
                         continue;
                     }
-                    let ev = Events::new(&stream, EventSet::IN | EventSet::EDGE_TRIGGERED);
+                    let ev = watch(&stream, EventSet::IN | EventSet::EDGE_TRIGGERED);
                     if let Err(e) = ops.add(ev) {
                         tracing::warn!("vsock: cannot register host connection: {e:?}");
                         continue;
@@ -336,7 +347,7 @@ impl Muxer {
         };
         let events =
             EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
-        if let Err(e) = ops.modify(Events::new(&p.stream, events)) {
+        if let Err(e) = ops.modify(watch(&p.stream, events)) {
             tracing::warn!("vsock: cannot watch host connection: {e:?}");
             let _ = ops.remove(Events::empty(&p.stream));
             return;
@@ -448,8 +459,7 @@ impl Muxer {
         let events =
             EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         let stream = stream.and_then(|s| {
-            ops.add(Events::new(&s, events))
-                .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+            ops.add(watch(&s, events)).map_err(std::io::Error::other)?;
             Ok(s)
         });
         match stream {

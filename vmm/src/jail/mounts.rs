@@ -1,160 +1,32 @@
-//! The VMM's confinement (the "jail"), on unless `--no-jail`: set up at the top of `main`,
-//! while the process is still single-threaded, before any device or guest memory exists.
-//!
-//! [`enter`] splits the process in two:
-//! - the **supervisor** (the pid the caller started) stays in the caller's namespaces; it
-//!   forwards SIGTERM/SIGINT/SIGHUP to the VMM, waits for it and exits with its status (a VMM
-//!   killed by signal N: 128 + N), then undoes what it did to the host mount table;
-//! - the **VMM** is PID 1 of a new pid namespace, in new mount, IPC and UTS namespaces, dies
-//!   with the supervisor (`PR_SET_PDEATHSIG`), and sees a root file system that is a read-only
-//!   tmpfs holding only the paths its configuration names, bind-mounted at the same absolute
-//!   paths (files read-only where the VM only reads them), `/dev/kvm`, `/dev/null`,
-//!   `/dev/urandom` (and `/dev/net/tun` with `--net`) and a `/proc` limited to processes. It runs
-//!   with rlimits on fds, address space and core dumps, an empty capability bounding set, no
-//!   ambient capabilities, `no_new_privs`, and either no capabilities at all (as uid 0, or as
-//!   `--jail-uid`/`--jail-gid`) or, when it serves virtio-fs, only the file-ownership
-//!   capabilities the in-process server needs. docs/security.md explains each choice.
-//!
-//! Every path of the configuration is made canonical first (absolute, no symlinks), so the
-//! same strings name the same files inside the jail.
+//! The jail's file system view: canonical paths, the bind plan (what of the host the VMM
+//! sees and how), mount propagation of virtio-fs shares, and the new root itself — a
+//! read-only tmpfs holding only the planned binds and a process-only `/proc`, entered with
+//! `pivot_root`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use caps::{CapSet, Capability};
-use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sched::{unshare, CloneFlags};
-use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{
-    fork, pipe2, pivot_root, setgroups, setresgid, setresuid, ForkResult, Gid, Pid, Uid,
-};
+use nix::unistd::pivot_root;
 
+use super::error::{io_err, sys, JailError};
 use crate::config::{SerialOut, VmConfig};
 
-/// `RLIMIT_NOFILE` of a VMM without virtio-fs: vsock connections, disks, taps, eventfds and
-/// KVM fds stay far below it.
-pub const NOFILE: u64 = 4096;
-/// `RLIMIT_NOFILE` of a VMM serving virtio-fs (capped by `/proc/sys/fs/nr_open`): the
-/// passthrough server holds one fd per guest-cached inode, as virtiofsd does.
-pub const NOFILE_FS: u64 = 1 << 20;
-/// `RLIMIT_AS` is guest RAM plus this margin (MiB) for the VMM's own mappings: thread stacks,
-/// malloc arenas (up to 64 MiB of address space each), the binary and its buffers.
-pub const AS_MARGIN_MIB: u64 = 4096;
 /// Where the new root is assembled before `pivot_root` (in the VMM's own mount namespace;
 /// the host's /tmp is not touched).
 const STAGING: &str = "/tmp";
-
-/// The capabilities a VMM serving virtio-fs keeps (virtiofsd's set): the passthrough server
-/// switches its effective uid/gid to the guest caller's for each request and creates, chowns
-/// and chmods files on the guest's behalf, device nodes and file capabilities included.
-pub const FS_CAPS: [Capability; 8] = [
-    Capability::CAP_CHOWN,
-    Capability::CAP_DAC_OVERRIDE,
-    Capability::CAP_FOWNER,
-    Capability::CAP_FSETID,
-    Capability::CAP_SETGID,
-    Capability::CAP_SETUID,
-    Capability::CAP_MKNOD,
-    Capability::CAP_SETFCAP,
-];
 
 /// Devices the VMM may open, bound into the jail when they exist on the host.
 const DEVICES: [&str; 3] = ["/dev/kvm", "/dev/null", "/dev/urandom"];
 /// The tap clone device, bound only when the VM has `--net` devices.
 const TUN: &str = "/dev/net/tun";
 
-/// Confinement options (`--no-jail`, `--jail-uid`, `--jail-gid`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JailConfig {
-    /// Confine the VMM (the default); `--no-jail` turns it off.
-    pub enabled: bool,
-    /// Run as this uid/gid instead of uid 0 without capabilities. The caller makes sure that
-    /// uid/gid can open `/dev/kvm` and everything the configuration names.
-    pub ids: Option<(u32, u32)>,
-}
-
-impl Default for JailConfig {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            ids: None,
-        }
-    }
-}
-
-/// Jail set-up failures (the VMM exits with status 1 and the message).
-#[derive(Debug, thiserror::Error)]
-pub enum JailError {
-    /// Something started a thread before the jail: namespaces cannot be entered then.
-    #[error("the jail must be set up while moat-vmm is single-threaded, but {0} threads run")]
-    Threaded(usize),
-    /// A path the configuration names cannot be resolved or opened.
-    #[error("jail: {what} {path}: {err}")]
-    Path {
-        /// Which option the path comes from.
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        err: io::Error,
-    },
-    /// A system call of the set-up failed.
-    #[error("jail: {op}: {err} (confinement needs root; --no-jail runs the VMM unconfined)")]
-    Sys {
-        /// What was being done.
-        op: String,
-        /// The error.
-        err: nix::Error,
-    },
-    /// Changing the capability sets failed.
-    #[error("jail: {op}: {err}")]
-    Caps {
-        /// What was being done.
-        op: &'static str,
-        /// The error.
-        err: caps::errors::CapsError,
-    },
-    /// A file operation while building the new root failed.
-    #[error("jail: {op} {path}: {err}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The error.
-        err: io::Error,
-    },
-}
-
-fn sys(op: impl Into<String>) -> impl FnOnce(nix::Error) -> JailError {
-    let op = op.into();
-    move |err| JailError::Sys { op, err }
-}
-
-fn caps_err(op: &'static str) -> impl FnOnce(caps::errors::CapsError) -> JailError {
-    move |err| JailError::Caps { op, err }
-}
-
-/// Which side of the fork [`enter`] returned on.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Role {
-    /// The confined VMM: go on building and running the VM.
-    Vmm,
-    /// The supervisor, after the VMM exited: exit with this status.
-    Supervisor(i32),
-}
-
 /// How a path is bound into the jail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
+pub(super) enum Kind {
     /// A file the VMM only reads.
     ReadOnly,
     /// A file the VMM writes.
@@ -209,7 +81,7 @@ pub fn canonicalize(cfg: &mut VmConfig) {
 
 /// The paths to bind into the jail, parents before children (a canonical `cfg`); of those,
 /// only the ones `exists` says are there.
-fn plan(cfg: &VmConfig, exists: impl Fn(&Path) -> bool) -> Vec<(PathBuf, Kind)> {
+pub(super) fn plan(cfg: &VmConfig, exists: impl Fn(&Path) -> bool) -> Vec<(PathBuf, Kind)> {
     let mut binds: BTreeMap<PathBuf, Kind> = BTreeMap::new();
     let mut add = |p: &Path, k: Kind| {
         if !exists(p) {
@@ -256,20 +128,6 @@ fn plan(cfg: &VmConfig, exists: impl Fn(&Path) -> bool) -> Vec<(PathBuf, Kind)> 
         add(Path::new(TUN), Kind::Device);
     }
     binds.into_iter().collect()
-}
-
-/// The capabilities the VMM keeps (when it stays uid 0).
-fn kept_caps(cfg: &VmConfig) -> HashSet<Capability> {
-    let mut keep = HashSet::new();
-    // A deferred start may receive `add-fs` before boot.
-    if !cfg.fs.is_empty() || cfg.defer_start {
-        keep.extend(FS_CAPS);
-    }
-    if !cfg.net.is_empty() {
-        // Attaching to a tap its owner did not hand to our uid (TUNSETIFF).
-        keep.insert(Capability::CAP_NET_ADMIN);
-    }
-    keep
 }
 
 /// One line of /proc/self/mountinfo, the fields the jail needs.
@@ -339,7 +197,7 @@ fn propagates(entries: &[MountEntry], dir: &Path) -> bool {
 /// share only through mount propagation, so a share whose host mount is not shared is made a
 /// shared bind mount of itself (undone by the supervisor when the VMM exits). Returns what to
 /// undo.
-fn make_shares_propagate(cfg: &VmConfig) -> Result<Vec<PathBuf>, JailError> {
+pub(super) fn make_shares_propagate(cfg: &VmConfig) -> Result<Vec<PathBuf>, JailError> {
     if cfg.fs.is_empty() {
         return Ok(Vec::new());
     }
@@ -382,7 +240,7 @@ fn make_shares_propagate(cfg: &VmConfig) -> Result<Vec<PathBuf>, JailError> {
     Ok(made)
 }
 
-fn undo_shares(made: &[PathBuf]) {
+pub(super) fn undo_shares(made: &[PathBuf]) {
     for d in made.iter().rev() {
         if let Err(e) = umount2(d, MntFlags::MNT_DETACH) {
             tracing::warn!("jail: cannot unmount {}: {e}", d.display());
@@ -390,147 +248,8 @@ fn undo_shares(made: &[PathBuf]) {
     }
 }
 
-fn thread_count() -> usize {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Threads:"))
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .unwrap_or(1)
-}
-
-fn termination_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-        set.add(s);
-    }
-    set
-}
-
-/// Confines the VMM (see the module doc). Canonicalizes `cfg`'s paths first. Returns
-/// [`Role::Vmm`] in the confined process and [`Role::Supervisor`] with the exit status in the
-/// original one once the VMM has exited. Must run before any thread is started.
-pub fn enter(cfg: &mut VmConfig) -> Result<Role, JailError> {
-    let threads = thread_count();
-    if threads != 1 {
-        return Err(JailError::Threaded(threads));
-    }
-    canonicalize(cfg);
-    let binds = plan(cfg, Path::exists);
-    let nr_open = fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(NOFILE_FS);
-    let made = make_shares_propagate(cfg)?;
-
-    // Termination signals stay blocked from here on in both processes: the supervisor takes
-    // them with sigwait, the VMM (PID 1 of its namespace, which drops signals it neither
-    // handles nor blocks) with the signalfd `main` creates; one sent in between stays pending.
-    let mut supervised = termination_signals();
-    supervised.add(Signal::SIGCHLD);
-    let mut old = SigSet::empty();
-    let set_up = (|| {
-        // An inherited SIG_IGN would have the kernel reap the VMM before the supervisor can
-        // collect its status.
-        // SAFETY: restores the default disposition; no handler is installed.
-        unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) }
-            .map_err(sys("reset SIGCHLD"))?;
-        nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&supervised), Some(&mut old))
-            .map_err(sys("block signals"))?;
-        let (alive_r, alive_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
-        unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare the pid namespace"))?;
-        // SAFETY: the process is single-threaded (checked above), so the child may run
-        // arbitrary code.
-        let forked = unsafe { fork() }.map_err(sys("fork"))?;
-        Ok::<_, JailError>((forked, alive_r, alive_w))
-    })();
-    let (forked, alive_r, alive_w) = match set_up {
-        Ok(v) => v,
-        Err(e) => {
-            undo_shares(&made);
-            return Err(e);
-        }
-    };
-    match forked {
-        ForkResult::Parent { child } => {
-            drop(alive_r);
-            let code = supervise(child, &supervised);
-            undo_shares(&made);
-            drop(alive_w);
-            Ok(Role::Supervisor(code))
-        }
-        ForkResult::Child => {
-            drop(alive_w);
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("PR_SET_PDEATHSIG"))?;
-            // The supervisor may have died before the line above: then the pipe is closed.
-            let mut fds = [PollFd::new(alive_r.as_fd(), PollFlags::POLLIN)];
-            if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
-                std::process::exit(1);
-            }
-            drop(alive_r);
-            let mut mask = old;
-            for s in termination_signals().iter() {
-                mask.add(s);
-            }
-            nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)
-                .map_err(sys("set the signal mask"))?;
-            confine(cfg, &binds, nr_open)?;
-            Ok(Role::Vmm)
-        }
-    }
-}
-
-/// Forwards termination signals to `child` until it exits; returns its exit status.
-fn supervise(child: Pid, set: &SigSet) -> i32 {
-    loop {
-        match set.wait() {
-            Ok(Signal::SIGCHLD) => match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(_, code)) => return code,
-                Ok(WaitStatus::Signaled(_, sig, _)) => {
-                    eprintln!("moat-vmm: the jailed VMM was killed by {sig}");
-                    return 128 + sig as i32;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    eprintln!("moat-vmm: waiting for the jailed VMM: {e}");
-                    return 1;
-                }
-            },
-            Ok(sig) => {
-                let _ = kill(child, sig);
-            }
-            Err(_) => {}
-        }
-    }
-}
-
-/// In the forked VMM: namespaces, the new root, rlimits, credentials.
-fn confine(cfg: &VmConfig, binds: &[(PathBuf, Kind)], nr_open: u64) -> Result<(), JailError> {
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-        .map_err(sys("unshare the mount, IPC and UTS namespaces"))?;
-    // Nothing done below may propagate back to the host; host mounts still propagate in.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_SLAVE,
-        None::<&str>,
-    )
-    .map_err(sys("make / a slave mount"))?;
-    build_root(binds)?;
-    limit(cfg, nr_open)?;
-    drop_privileges(cfg)
-}
-
-fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> JailError {
-    let path = path.to_owned();
-    move |err| JailError::Io { op, path, err }
-}
-
 /// Assembles the new root on a tmpfs at [`STAGING`] and pivots into it.
-fn build_root(binds: &[(PathBuf, Kind)]) -> Result<(), JailError> {
+pub(super) fn build_root(binds: &[(PathBuf, Kind)]) -> Result<(), JailError> {
     // Held open first: the tmpfs below may hide some of them.
     let mut sources = Vec::with_capacity(binds.len());
     for (path, kind) in binds {
@@ -652,62 +371,6 @@ fn mount_proc(target: &Path) -> Result<(), JailError> {
     Ok(())
 }
 
-/// The rlimits of the jailed VMM.
-fn rlimits(cfg: &VmConfig, nr_open: u64) -> [(Resource, u64); 3] {
-    let nofile = if cfg.fs.is_empty() && !cfg.defer_start {
-        NOFILE
-    } else {
-        NOFILE_FS.min(nr_open)
-    };
-    [
-        (Resource::RLIMIT_NOFILE, nofile),
-        (
-            Resource::RLIMIT_AS,
-            (cfg.mem_mib + AS_MARGIN_MIB).saturating_mul(1 << 20),
-        ),
-        // A core dump would hold guest memory.
-        (Resource::RLIMIT_CORE, 0),
-    ]
-}
-
-fn limit(cfg: &VmConfig, nr_open: u64) -> Result<(), JailError> {
-    for (res, v) in rlimits(cfg, nr_open) {
-        let (_, hard) = getrlimit(res).map_err(sys(format!("getrlimit {res:?}")))?;
-        // Raising a hard limit needs CAP_SYS_RESOURCE: without it, the current one stays.
-        match setrlimit(res, v, v) {
-            Ok(()) => {}
-            Err(_) if v > hard => {
-                setrlimit(res, hard, hard).map_err(sys(format!("setrlimit {res:?}")))?
-            }
-            Err(e) => return Err(sys(format!("setrlimit {res:?}"))(e)),
-        }
-    }
-    Ok(())
-}
-
-fn drop_privileges(cfg: &VmConfig) -> Result<(), JailError> {
-    for c in caps::all() {
-        caps::drop(None, CapSet::Bounding, c).map_err(caps_err("clear the bounding set"))?;
-    }
-    caps::clear(None, CapSet::Ambient).map_err(caps_err("clear the ambient set"))?;
-    caps::clear(None, CapSet::Inheritable).map_err(caps_err("clear the inheritable set"))?;
-    match cfg.jail.ids {
-        Some((uid, gid)) => {
-            let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
-            setgroups(&[]).map_err(sys("setgroups"))?;
-            setresgid(gid, gid, gid).map_err(sys(format!("setresgid {gid}")))?;
-            // Leaving uid 0 clears the permitted and effective sets.
-            setresuid(uid, uid, uid).map_err(sys(format!("setresuid {uid}")))?;
-        }
-        None => {
-            let keep = kept_caps(cfg);
-            caps::set(None, CapSet::Effective, &keep).map_err(caps_err("set the effective set"))?;
-            caps::set(None, CapSet::Permitted, &keep).map_err(caps_err("set the permitted set"))?;
-        }
-    }
-    nix::sys::prctl::set_no_new_privs().map_err(sys("PR_SET_NO_NEW_PRIVS"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,23 +467,6 @@ mod tests {
             "{info}33 32 0:43 / /run/p rw shared:9 - tmpfs t rw\n"
         ));
         assert!(propagates(&e, Path::new("/run/p/q")));
-    }
-
-    #[test]
-    fn caps_and_limits_follow_the_devices() {
-        let plain = cfg("--kernel /k --mem-mib 512");
-        assert!(kept_caps(&plain).is_empty());
-        let l = rlimits(&plain, 1 << 30);
-        assert_eq!(l[0], (Resource::RLIMIT_NOFILE, NOFILE));
-        assert_eq!(l[1], (Resource::RLIMIT_AS, (512 + AS_MARGIN_MIB) << 20));
-        assert_eq!(l[2], (Resource::RLIMIT_CORE, 0));
-        let fs = cfg("--kernel /k --fs t=/d --net tap=t0");
-        let k = kept_caps(&fs);
-        assert!(FS_CAPS.iter().all(|c| k.contains(c)));
-        assert!(k.contains(&Capability::CAP_NET_ADMIN));
-        assert!(!k.contains(&Capability::CAP_SYS_ADMIN));
-        assert_eq!(k.len(), FS_CAPS.len() + 1);
-        assert_eq!(rlimits(&fs, 65536)[0], (Resource::RLIMIT_NOFILE, 65536));
     }
 
     #[test]
