@@ -17,20 +17,32 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/moat/config.toml";
 /// Errors reading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file cannot be read.
     #[error("cannot read the moat config {path}: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The error.
         #[source]
         source: std::io::Error,
     },
+    /// The file is not valid TOML or has an unknown key or a value of the wrong type.
     #[error("invalid moat config {path}: {source}")]
     Parse {
+        /// The configuration file.
         path: PathBuf,
+        /// The parser's error, which names the key.
         #[source]
         source: Box<toml::de::Error>,
     },
+    /// A value is out of range.
     #[error("invalid moat config {path}: {what}")]
-    Invalid { path: PathBuf, what: String },
+    Invalid {
+        /// The configuration file.
+        path: PathBuf,
+        /// Which key and what is wrong with it.
+        what: String,
+    },
 }
 
 /// The shim's configuration (see docs/shim.md for every key).

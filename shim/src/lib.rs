@@ -1,15 +1,27 @@
 //! The moat shim as a library: `containerd-shim-moat-v2` (src/main.rs) is a thin entry point over
 //! it, and the `moat` command reads the same configuration through [`config`].
 //!
-//! The data path, in one direction: [`service`] (shim lifecycle) → [`task`] (Task API) →
-//! [`sandbox`] (the pod VM: moat-vmm + agent connection) → [`rootfs`] (container files shared
-//! into the guest), [`network`] (the pod netns bridged to the VM's NICs) and [`io`] (stdio
-//! relays). [`config`] is the TOML configuration.
+//! The data path, in one direction: [`service`] (shim lifecycle) → [`task`] (the Task API at the
+//! edge) → [`process`] (containers, processes, exit monitoring; stdio relays in [`io`]) and
+//! [`pod`] (the pod VM's lifecycle, behind [`pod::PodVm`]) → [`sandbox`] (the moat-vmm pod VM:
+//! process, agent connection, state directory) → [`network`] (the pod netns bridged to the VM's
+//! NICs, over [`netns`]). Beside them: [`rootfs`] (container files shared with the agent) and
+//! [`mounts`] (unmounting below a directory); [`events`] (the ordered event channel to
+//! containerd), [`oom`] (OOM events), [`metrics`] (stats for containerd), [`error`] (Task errors
+//! and their ttrpc codes), [`config`] (the TOML configuration).
 
 pub mod config;
+pub mod error;
+pub mod events;
 mod io;
+mod metrics;
+mod mounts;
+mod netns;
 pub mod network;
+mod oom;
+pub mod pod;
+mod process;
 mod rootfs;
 mod sandbox;
 pub mod service;
-mod task;
+pub mod task;

@@ -4,8 +4,9 @@
 //! goes with it, and unmounting everything again.
 //!
 //! Below the shared directory, per container: `<id>/rootfs` (the root file system) and
-//! `<id>/mounts/<n>` (bind-mount sources), so the guest paths are
-//! `/run/moat/virtiofs/moatfs/<id>/…`.
+//! `<id>/mounts/<n>` (bind-mount sources). How the agent names those paths (in a VM:
+//! [`moat_protocol::guest_shared_path`], `/run/moat/virtiofs/moatfs/<id>/…`) is the caller's
+//! to say.
 
 use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -14,35 +15,55 @@ use std::path::{Path, PathBuf};
 
 use containerd_shim_protos::api::Mount;
 use nix::fcntl::{openat, OFlag};
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{mkdirat, Mode};
 use serde_json::Value;
 use tracing::warn;
 
-use crate::sandbox::Sandbox;
+use crate::mounts::unmount_below;
 
 /// Errors preparing a container's files.
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {
+    /// A container or exec id that cannot name a directory.
     #[error("container id {0:?} is not usable as a path component")]
     BadId(String),
+    /// A file operation failed.
     #[error("{what} {path}: {source}")]
     Io {
+        /// What was being done.
         what: &'static str,
+        /// The path it was done to.
         path: PathBuf,
+        /// The error.
         #[source]
         source: std::io::Error,
     },
+    /// A bind mount failed.
     #[error("mount {source_path} on {target}: {errno}")]
     Mount {
+        /// The bound path.
         source_path: String,
+        /// Where it was to be bound.
         target: PathBuf,
+        /// The kernel's answer.
+        #[source]
         errno: nix::Error,
     },
-    #[error("mount of the container rootfs failed: {0}")]
-    Rootfs(String),
+    /// One of containerd's snapshot mounts failed.
+    #[error("mount of the container rootfs failed: {fstype} on {target}: {source}")]
+    Rootfs {
+        /// The mount's type.
+        fstype: String,
+        /// The rootfs directory.
+        target: PathBuf,
+        /// The error.
+        #[source]
+        source: containerd_shim::Error,
+    },
+    /// The bundle's `config.json` is not JSON.
     #[error("bundle config.json: {0}")]
-    Spec(String),
+    Spec(#[source] serde_json::Error),
 }
 
 fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RootfsError {
@@ -158,7 +179,11 @@ pub fn mount_rootfs(
             let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
             let source = (!m.source.is_empty()).then_some(m.source.as_str());
             containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target).map_err(
-                |e| RootfsError::Rootfs(format!("{} on {}: {e}", m.type_, rootfs.shown.display())),
+                |source| RootfsError::Rootfs {
+                    fstype: m.type_.clone(),
+                    target: rootfs.shown.clone(),
+                    source,
+                },
             )?;
         }
     }
@@ -186,13 +211,19 @@ fn bind(src: &Path, target: &Path) -> Result<(), RootfsError> {
 /// - every bind mount of a host path is bound into `<shared>/<id>/mounts/<n>` and its source
 ///   rewritten to the guest path of that copy.
 ///
+/// `agent_path` names a path relative to the shared directory as the agent sees it.
+///
 /// Returns the spec as JSON bytes for the agent.
-pub fn guest_spec(shared: &Path, id: &str, bundle: &Path) -> Result<Vec<u8>, RootfsError> {
+pub fn guest_spec(
+    shared: &Path,
+    id: &str,
+    bundle: &Path,
+    agent_path: &dyn Fn(&str) -> String,
+) -> Result<Vec<u8>, RootfsError> {
     check_id(id)?;
     let path = bundle.join("config.json");
     let text = fs::read(&path).map_err(io_err("read", &path))?;
-    let mut spec: Value =
-        serde_json::from_slice(&text).map_err(|e| RootfsError::Spec(e.to_string()))?;
+    let mut spec: Value = serde_json::from_slice(&text).map_err(RootfsError::Spec)?;
 
     if let Some(namespaces) = spec
         .pointer_mut("/linux/namespaces")
@@ -235,57 +266,10 @@ pub fn guest_spec(shared: &Path, id: &str, bundle: &Path) -> Result<Vec<u8>, Roo
             };
             mounts_dir = Some(dir);
             bind(&src, &target.path())?;
-            m["source"] = Value::String(Sandbox::guest_path(&rel));
+            m["source"] = Value::String(agent_path(&rel));
         }
     }
-    serde_json::to_vec(&spec).map_err(|e| RootfsError::Spec(e.to_string()))
-}
-
-/// Mount points at or below `dir`, deepest first.
-fn mounts_below(dir: &Path) -> Option<Vec<PathBuf>> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut targets: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mountinfo)
-        .map(PathBuf::from)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    targets.dedup();
-    Some(targets)
-}
-
-/// Unmounts everything mounted at or below `dir` (deepest first, lazily) — container rootfs,
-/// bind sources — so the directory can be removed. Returns false if something is still mounted
-/// there afterwards (or the mount table is unreadable): removing the directory would then reach
-/// into the host files behind a bind mount, so callers must leave it.
-pub fn unmount_below(dir: &Path) -> bool {
-    let Some(targets) = mounts_below(dir) else {
-        warn!(
-            "cannot read /proc/self/mountinfo; leaving {}",
-            dir.display()
-        );
-        return false;
-    };
-    for t in targets {
-        if let Err(e) = umount2(&t, MntFlags::MNT_DETACH) {
-            if e != nix::errno::Errno::EINVAL && e != nix::errno::Errno::ENOENT {
-                warn!("unmount {}: {e}", t.display());
-            }
-        }
-    }
-    match mounts_below(dir) {
-        Some(left) if left.is_empty() => true,
-        left => {
-            warn!(
-                "still mounted below {}: {:?}; leaving it in place",
-                dir.display(),
-                left.unwrap_or_default()
-            );
-            false
-        }
-    }
+    serde_json::to_vec(&spec).map_err(RootfsError::Spec)
 }
 
 /// Removes a container's part of the shared directory (after unmounting it).
@@ -304,27 +288,10 @@ pub fn remove_container_files(shared: &Path, id: &str) {
     }
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
-            out.push(v as char);
-            i += 4;
-        } else {
-            out.push(b[i] as char);
-            i += 1;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moat_protocol::guest_shared_path;
 
     #[test]
     fn ids_must_be_one_plain_component() {
@@ -332,12 +299,6 @@ mod tests {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
         assert!(check_id("abc-123_x.y").is_ok());
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_decoded() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
     }
 
     #[test]
@@ -357,8 +318,10 @@ mod tests {
             ]
         });
         fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
-        let out: Value =
-            serde_json::from_slice(&guest_spec(&shared, "c1", &bundle).unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(
+            &guest_spec(&shared, "c1", &bundle, &guest_shared_path).unwrap(),
+        )
+        .unwrap();
         let ns = out
             .pointer("/linux/namespaces")
             .unwrap()
@@ -396,13 +359,13 @@ mod tests {
             {"destination": "/x", "type": "bind", "source": source, "options": ["rbind"]}
         ]});
         fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
-        let err = guest_spec(&shared, "c2", &bundle).unwrap_err();
+        let err = guest_spec(&shared, "c2", &bundle, &guest_shared_path).unwrap_err();
         assert!(err.to_string().contains("mounts"), "{err}");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
 
         // `<shared>/<id>` itself replaced by a symlink before the bind mounts are prepared.
         std::os::unix::fs::symlink(&outside, shared.join("c3")).unwrap();
-        let err = guest_spec(&shared, "c3", &bundle).unwrap_err();
+        let err = guest_spec(&shared, "c3", &bundle, &guest_shared_path).unwrap_err();
         assert!(err.to_string().contains("c3"), "{err}");
         assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
 
@@ -415,9 +378,9 @@ mod tests {
     fn malformed_spec_is_a_clear_error() {
         let tmp = tempfile::tempdir().unwrap();
         fs::write(tmp.path().join("config.json"), b"{not json").unwrap();
-        let err = guest_spec(tmp.path(), "c1", tmp.path()).unwrap_err();
+        let err = guest_spec(tmp.path(), "c1", tmp.path(), &guest_shared_path).unwrap_err();
         assert!(matches!(err, RootfsError::Spec(_)), "{err}");
-        let err = guest_spec(tmp.path(), "../x", tmp.path()).unwrap_err();
+        let err = guest_spec(tmp.path(), "../x", tmp.path(), &guest_shared_path).unwrap_err();
         assert!(matches!(err, RootfsError::BadId(_)), "{err}");
     }
 }

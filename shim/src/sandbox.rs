@@ -11,7 +11,7 @@
 //! | `vsock.sock` | moat-vmm's hybrid vsock socket (`CONNECT 1024` reaches the agent) |
 //! | `api.sock` | moat-vmm's control socket |
 //! | `network.json` | what [`crate::network`] created in the pod's netns (undone by [`cleanup_state`]) |
-//! | `shared/` | shared into the guest as virtio-fs tag [`SHARED_FS_TAG`]; holds each container's rootfs at `<container-id>/rootfs` |
+//! | `shared/` | shared into the guest as virtio-fs tag [`moat_protocol::SHARED_FS_TAG`]; holds each container's rootfs at `<container-id>/rootfs` |
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -22,7 +22,7 @@ use moat_protocol::agent::{CreateSandboxRequest, DestroySandboxRequest, VersionR
 use moat_protocol::agent_ttrpc_async::AgentClient;
 use moat_protocol::connect::{self, AgentAddress, ConnectError};
 use moat_protocol::ttrpc::context;
-use moat_protocol::{AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use moat_protocol::{ensure_compatible, VersionMismatch, AGENT_VSOCK_PORT, SHARED_FS_TAG};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::Command;
@@ -30,12 +30,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::mounts::unmount_below;
 use crate::network;
 
-/// virtio-fs tag of the per-pod shared directory.
-pub const SHARED_FS_TAG: &str = "moatfs";
-/// Where the agent mounts a virtio-fs tag inside the guest (`<root>/<tag>`).
-pub const GUEST_VIRTIOFS_ROOT: &str = "/run/moat/virtiofs";
 /// How long a well-behaved guest gets to power off before moat-vmm is killed.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
 /// Time limit of one agent call made while tearing down.
@@ -44,56 +41,89 @@ const TEARDOWN_CALL: Duration = Duration::from_secs(10);
 /// Errors booting or talking to a pod's VM.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
+    /// A file the configuration names does not exist.
     #[error("{what} {path} not found: set `{key}` in the moat config (see docs/shim.md)")]
     MissingFile {
+        /// What the file is, for the reader.
         what: &'static str,
+        /// The configuration key that names it.
         key: &'static str,
+        /// The path looked at.
         path: PathBuf,
     },
+    /// A file or process operation on the host failed.
     #[error("sandbox {id}: {what}: {source}")]
     Io {
+        /// The pod.
         id: String,
+        /// What was being done.
         what: String,
+        /// The error.
         #[source]
         source: std::io::Error,
     },
+    /// moat-vmm ended before the agent answered.
     #[error("sandbox {id}: moat-vmm exited ({status}) before the agent answered; check {images}; its last output:\n{tail}")]
     VmmDied {
+        /// The pod.
         id: String,
+        /// How moat-vmm ended.
         status: String,
         /// The guest images it was given, named for the reader.
         images: String,
+        /// The end of moat-vmm's log and the guest console.
         tail: String,
     },
+    /// The agent did not answer within the boot timeout.
     #[error("sandbox {id}: the guest agent did not answer: {source}; the guest console ended with:\n{tail}")]
     AgentUnreachable {
+        /// The pod.
         id: String,
+        /// Why the connection failed.
         #[source]
         source: ConnectError,
+        /// The end of the guest console.
         tail: String,
     },
+    /// An agent call made while booting failed.
     #[error("sandbox {id}: agent call {call} failed: {source}")]
     Agent {
+        /// The pod.
         id: String,
+        /// The agent RPC.
         call: &'static str,
+        /// The error.
         #[source]
         source: moat_protocol::ttrpc::Error,
     },
+    /// The pod network could not be set up.
     #[error("sandbox {id}: {source}")]
     Network {
+        /// The pod.
         id: String,
+        /// The error.
         #[source]
         source: Box<crate::network::NetworkError>,
     },
-    #[error("sandbox {id}: agent speaks protocol {agent}, this shim speaks {shim}: install matching moat-agent and shim")]
-    ProtocolMismatch { id: String, agent: u32, shim: u32 },
+    /// The guest's agent speaks another protocol version than this shim.
+    #[error("sandbox {id}: {source}")]
+    ProtocolMismatch {
+        /// The pod.
+        id: String,
+        /// The versions.
+        #[source]
+        source: VersionMismatch,
+    },
 }
 
 /// What is needed to boot a pod's VM.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
+    /// containerd's namespace (a level of the state directory).
     pub namespace: String,
+    /// The pod id.
     pub id: String,
+    /// The guest's hostname.
     pub hostname: String,
     /// The pod's network namespace ([`crate::network::netns_path`] of the spec); `None`: the VM
     /// gets no NIC.
@@ -102,8 +132,11 @@ pub struct SandboxSpec {
 
 /// A running pod VM with a connected agent.
 pub struct Sandbox {
+    /// The pod id.
     pub id: String,
+    /// The pod's state directory (layout above).
     pub dir: PathBuf,
+    /// The connection to the guest's agent.
     pub agent: AgentClient,
     vmm_pid: u32,
     /// `Some(status)` once moat-vmm has exited.
@@ -271,13 +304,9 @@ impl Sandbox {
             )
             .await
             .map_err(|source| sandbox.agent_err("Version", source))?;
-        if version.protocol_version != PROTOCOL_VERSION {
+        if let Err(source) = ensure_compatible(&version) {
             sandbox.stop().await;
-            return Err(SandboxError::ProtocolMismatch {
-                id,
-                agent: version.protocol_version,
-                shim: PROTOCOL_VERSION,
-            });
+            return Err(SandboxError::ProtocolMismatch { id, source });
         }
         let req = CreateSandboxRequest {
             sandbox_id: id.clone(),
@@ -318,11 +347,6 @@ impl Sandbox {
     /// The host directory shared into the guest.
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
-    }
-
-    /// The guest path of `rel` inside the shared directory.
-    pub fn guest_path(rel: &str) -> String {
-        format!("{GUEST_VIRTIOFS_ROOT}/{SHARED_FS_TAG}/{rel}")
     }
 
     /// moat-vmm's pid (the host process that holds the pod).
@@ -404,7 +428,7 @@ pub fn cleanup_state(dir: &Path) {
         }
     }
     network::teardown_recorded(dir);
-    if !crate::rootfs::unmount_below(dir) {
+    if !unmount_below(dir) {
         return;
     }
     if let Err(e) = std::fs::remove_dir_all(dir) {

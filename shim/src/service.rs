@@ -17,16 +17,17 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::pod;
 use crate::rootfs;
 use crate::sandbox;
 use crate::task::TaskService;
 
 /// Exit status reported for a task whose shim died (as runc's shim does: killed).
 const DEAD_SHIM_STATUS: u32 = 128 + 9;
-const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 /// How long the library's graceful server shutdown may take once the shim is done.
 const GRACEFUL_EXIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The shim process containerd runs (`start`, `delete`, and the long-running server).
 pub struct Service {
     namespace: String,
     id: String,
@@ -42,12 +43,7 @@ fn sandbox_id_of(bundle: &Path, container_id: &str) -> String {
     std::fs::read(bundle.join("config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|spec| {
-            spec.get("annotations")?
-                .get(SANDBOX_ID_ANNOTATION)?
-                .as_str()
-                .map(str::to_owned)
-        })
+        .map(|spec| pod::sandbox_id(&spec, container_id))
         .unwrap_or_else(|| container_id.to_owned())
 }
 
