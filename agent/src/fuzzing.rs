@@ -3,7 +3,7 @@
 //!
 //! * [`agent_request`]: the first byte picks an RPC, the rest is decoded as
 //!   that RPC's protobuf request and dispatched to a sandbox-less,
-//!   cgroup-less [`Agent`](crate::container::Agent), so every check that
+//!   cgroup-less [`Agent`](crate::agent::Agent), so every check that
 //!   runs before a live sandbox or container is needed (ids, OCI spec and
 //!   process JSON, resources JSON, process references) sees hostile input.
 //!   RPCs that would change the guest (CreateSandbox, DestroySandbox) or
@@ -19,7 +19,8 @@ use std::sync::OnceLock;
 use moat_protocol::agent as pb;
 use moat_protocol::protobuf::Message;
 
-use crate::container::Agent;
+use crate::agent::Agent;
+use crate::error::AgentError;
 use crate::reaper::Reaper;
 
 /// The RPCs [`agent_request`] selects by `data[0] % RPCS.len()`.
@@ -85,7 +86,7 @@ pub fn agent_request(data: &[u8]) -> Result<(), String> {
     };
     let h = harness();
     let a = &h.agent;
-    let e = |e: crate::container::AgentError| e.to_string();
+    let e = |e: AgentError| e.to_string();
     match RPCS[usize::from(sel) % RPCS.len()] {
         "Version" => decode::<pb::VersionRequest>(body).map(drop),
         "Health" => decode::<pb::HealthRequest>(body).map(drop),

@@ -16,7 +16,7 @@
 //! in a freshly exec'd single-threaded helper (`moat-agent __init`), never
 //! in the threaded agent. Seccomp uses the pure-Rust `seccompiler`.
 
-use moat_agent::{container, init, logger, pid1, reaper, server};
+use moat_agent::{agent, init, logger, pid1, reaper, server};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,20 +24,27 @@ use std::sync::Arc;
 use moat_protocol::ttrpc;
 use tokio::signal::unix::{signal, SignalKind};
 
-const USAGE: &str = "usage: moat-agent [--listen ADDR] [--state-dir DIR]
+/// The `--help` text.
+fn usage() -> String {
+    format!(
+        "usage: moat-agent [--listen ADDR] [--state-dir DIR]
 
-  --listen ADDR     vsock://-1:1024 (default) or unix:///PATH.sock
-  --state-dir DIR   where sandbox files and rootfs mounts live (default /run/moat)
+  --listen ADDR     vsock://-1:{port} (default) or unix:///PATH.sock
+  --state-dir DIR   where sandbox files and rootfs mounts live (default {state})
   --version         print the version
 
 As PID 1 the agent also mounts /proc, /sys, /dev, /run, cgroup2, writes the
 boot marker and powers the VM off on DestroySandbox(power_off) or a fatal error.
-Log level: MOAT_AGENT_LOG=error|warn|info|debug|trace.";
+Log level: MOAT_AGENT_LOG=error|warn|info|debug|trace.",
+        port = moat_protocol::AGENT_VSOCK_PORT,
+        state = moat_protocol::GUEST_STATE_DIR,
+    )
+}
 
 /// Errors of the agent's main loop.
 #[derive(Debug, thiserror::Error)]
 enum MainError {
-    #[error("{0}\n\n{USAGE}")]
+    #[error("{0}\n\n{usage}", usage = usage())]
     Usage(String),
     #[error("early boot: {0}")]
     Pid1(#[from] pid1::Pid1Error),
@@ -63,7 +70,7 @@ struct Options {
 fn parse_args() -> Result<Option<Options>, MainError> {
     let mut o = Options {
         listen: format!("vsock://-1:{}", moat_protocol::AGENT_VSOCK_PORT),
-        state_dir: PathBuf::from("/run/moat"),
+        state_dir: PathBuf::from(moat_protocol::GUEST_STATE_DIR),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -88,7 +95,7 @@ fn parse_args() -> Result<Option<Options>, MainError> {
                 return Ok(None);
             }
             "-h" | "--help" => {
-                println!("{USAGE}");
+                println!("{}", usage());
                 return Ok(None);
             }
             // The kernel hands unknown command-line words to init as arguments.
@@ -179,11 +186,7 @@ async fn serve(opts: Options, is_init: bool) -> Result<(), MainError> {
         what: format!("creating {}", opts.state_dir.display()),
         source,
     })?;
-    let agent = Arc::new(container::Agent::new(
-        reaper,
-        is_init,
-        opts.state_dir.clone(),
-    ));
+    let agent = Arc::new(agent::Agent::new(reaper, is_init, opts.state_dir.clone()));
     let (poweroff_tx, mut poweroff_rx) = tokio::sync::mpsc::unbounded_channel();
     let service = moat_protocol::agent_ttrpc_async::create_agent(Arc::new(server::Service::new(
         agent.clone(),

@@ -36,8 +36,20 @@ pub enum NetError {
     },
 }
 
-nix::ioctl_read_bad!(get_flags, libc::SIOCGIFFLAGS, libc::ifreq);
-nix::ioctl_write_ptr_bad!(set_flags, libc::SIOCSIFFLAGS, libc::ifreq);
+nix::ioctl_read_bad!(
+    /// `SIOCGIFFLAGS`: reads the flags of the interface named in the `ifreq` into
+    /// `ifr_ifru.ifru_flags`.
+    get_flags,
+    libc::SIOCGIFFLAGS,
+    libc::ifreq
+);
+nix::ioctl_write_ptr_bad!(
+    /// `SIOCSIFFLAGS`: sets the flags of the interface named in the `ifreq` from
+    /// `ifr_ifru.ifru_flags`.
+    set_flags,
+    libc::SIOCSIFFLAGS,
+    libc::ifreq
+);
 
 /// Sets `IFF_UP` on `lo` in the calling thread's network namespace.
 pub fn loopback_up() -> Result<(), NetError> {

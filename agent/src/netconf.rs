@@ -19,8 +19,6 @@ use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::packet_route::route::RouteScope;
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
-use crate::container::AgentError;
-
 /// Errors configuring the sandbox's network.
 #[derive(Debug, thiserror::Error)]
 pub enum NetConfError {
@@ -48,6 +46,15 @@ pub enum NetConfError {
         /// The device name.
         device: String,
     },
+    /// rtnetlink cannot express a route (e.g. its gateway is of another family).
+    #[error("network configuration: route to {dest}: {source}")]
+    Route {
+        /// The route's destination.
+        dest: String,
+        /// rtnetlink's complaint (its type is not exported by the crate).
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// Opening the rtnetlink socket failed.
     #[error("opening an rtnetlink socket: {0}")]
     Socket(#[source] std::io::Error),
@@ -62,20 +69,14 @@ pub enum NetConfError {
     },
 }
 
-impl From<NetConfError> for AgentError {
-    fn from(e: NetConfError) -> Self {
-        match e {
-            NetConfError::Parse(_) | NetConfError::Invalid(_) => {
-                AgentError::InvalidArgument(e.to_string())
-            }
-            // The VM lacks a device the shim gave it: a setup problem, not a
-            // missing object of the agent's (NotFound would also append
-            // "not found" to a message that says it already).
-            NetConfError::MacNotFound { .. }
-            | NetConfError::DeviceNotFound { .. }
-            | NetConfError::Socket(_)
-            | NetConfError::Netlink { .. } => AgentError::FailedPrecondition(e.to_string()),
-        }
+impl NetConfError {
+    /// Whether the request itself is at fault (a malformed or inconsistent value), rather
+    /// than the VM (a device the shim announced is missing) or the kernel (netlink failed).
+    pub fn is_request_error(&self) -> bool {
+        matches!(
+            self,
+            NetConfError::Parse(_) | NetConfError::Invalid(_) | NetConfError::Route { .. }
+        )
     }
 }
 
@@ -365,12 +366,22 @@ async fn configure_link(
     Ok(())
 }
 
+/// Wraps rtnetlink's refusal to build route `r` (its error type is not exported).
+fn route_error<E: std::error::Error + Send + Sync + 'static>(
+    r: &RouteConfig,
+) -> impl Fn(E) -> NetConfError + '_ {
+    move |e| NetConfError::Route {
+        dest: r.describe(),
+        source: Box::new(e),
+    }
+}
+
 async fn add_route(
     handle: &Handle,
     by_name: &HashMap<String, u32>,
     r: &RouteConfig,
 ) -> Result<(), NetConfError> {
-    let invalid = |e: String| NetConfError::Invalid(format!("route to {}: {e}", r.describe()));
+    let invalid = route_error(r);
     let mut b = RouteMessageBuilder::<IpAddr>::new();
     // The destination fixes the family; a default route takes the gateway's.
     let dest = r.destination.unwrap_or(Prefix {
@@ -382,9 +393,9 @@ async fn add_route(
     });
     b = b
         .destination_prefix(dest.addr, dest.len)
-        .map_err(|e| invalid(e.to_string()))?;
+        .map_err(&invalid)?;
     if let Some(g) = r.gateway {
-        b = b.gateway(g).map_err(|e| invalid(e.to_string()))?;
+        b = b.gateway(g).map_err(&invalid)?;
     }
     if let Some(d) = &r.device {
         let idx = by_name.get(d).ok_or_else(|| NetConfError::DeviceNotFound {
@@ -509,22 +520,5 @@ mod tests {
         assert!(e(vec![], vec![route("10.0.0.0/8", "", "", 0)]).contains("gateway or a device"));
         assert!(e(vec![], vec![route("10.0.0.0", "10.0.0.1", "", 0)]).contains("ADDRESS/LENGTH"));
         assert!(e(vec![], vec![route("", "10.0.0.1", "", 300)]).contains("scope 300"));
-    }
-
-    #[test]
-    fn errors_map_to_rpc_codes() {
-        let nf = NetConfError::MacNotFound {
-            mac: Mac([2, 0, 0, 0, 0, 1]),
-            name: "eth0".into(),
-            present: "lo".into(),
-        };
-        assert!(
-            matches!(AgentError::from(nf), AgentError::FailedPrecondition(m) if m.contains("02:00:00:00:00:01"))
-        );
-        let inv = NetConfError::Invalid("x".into());
-        assert!(matches!(
-            AgentError::from(inv),
-            AgentError::InvalidArgument(_)
-        ));
     }
 }

@@ -167,8 +167,9 @@ fn attach_console() {
         .open("/dev/console")
     {
         for fd in 0..3 {
-            // SAFETY: duplicating a valid fd onto a standard one.
             if nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
+                // SAFETY: duplicates the open console onto a standard descriptor that is not
+                // open (checked above), so no descriptor another owner holds is replaced.
                 unsafe { libc::dup2(f.as_raw_fd(), fd) };
             }
         }

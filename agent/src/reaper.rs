@@ -12,6 +12,8 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use tokio::sync::oneshot;
 
+use crate::sync::LockExt;
+
 /// Unclaimed exits kept at most (oldest dropped first).
 const MAX_UNCLAIMED: usize = 4096;
 
@@ -80,7 +82,7 @@ impl Reaper {
     }
 
     fn deliver(&self, pid: i32, exit: Exit) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_or_recover();
         if let Some(tx) = st.waiters.remove(&pid) {
             let _ = tx.send(exit);
             return;
@@ -104,7 +106,7 @@ impl Reaper {
     /// Registers interest in `pid`'s exit.
     pub fn watch(&self, pid: i32) -> oneshot::Receiver<Exit> {
         let (tx, rx) = oneshot::channel();
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_or_recover();
         if let Some((_, exit)) = st.unclaimed.remove(&pid) {
             let _ = tx.send(exit);
         } else {
@@ -115,7 +117,7 @@ impl Reaper {
 
     /// Declares that nobody cares about `pid`'s exit (helper processes).
     pub fn ignore(&self, pid: i32) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state.lock_or_recover();
         if st.unclaimed.remove(&pid).is_none() {
             let (tx, _rx) = oneshot::channel();
             st.waiters.insert(pid, tx);

@@ -23,7 +23,17 @@ pub enum SeccompError {
     Action(LinuxSeccompAction),
     /// seccompiler refused the filter.
     #[error("seccomp: compiling the profile: {0}")]
-    Compile(String),
+    Compile(#[source] seccompiler::Error),
+    /// seccompiler does not target the agent's architecture.
+    #[error("seccomp: compiling the profile: unsupported architecture {0}")]
+    Arch(&'static str),
+    /// seccompiler's output lacks one of the filters it was given (an internal
+    /// inconsistency).
+    #[error("seccomp: compiling the profile: filter {0} missing")]
+    MissingFilter(String),
+    /// An action's JSON form did not parse back (an internal inconsistency).
+    #[error("seccomp: compiling the profile: {0}")]
+    Json(#[source] serde_json::Error),
 }
 
 /// A raw program: (code, jt, jf, k) per instruction.
@@ -142,8 +152,7 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<RawProgram>, SeccompError> 
             continue;
         }
         let key = format!("g{i:03}");
-        let action: Value =
-            serde_json::from_str(action).map_err(|e| SeccompError::Compile(e.to_string()))?;
+        let action: Value = serde_json::from_str(action).map_err(SeccompError::Json)?;
         filters.insert(
             key.clone(),
             json!({ "mismatch_action": "allow", "match_action": action, "filter": rules_json(g) }),
@@ -156,20 +165,17 @@ pub fn compile(profile: &LinuxSeccomp) -> Result<Vec<RawProgram>, SeccompError> 
         order.push("zfinal".into());
     }
 
-    let arch = std::env::consts::ARCH.try_into().map_err(|_| {
-        SeccompError::Compile(format!(
-            "unsupported architecture {}",
-            std::env::consts::ARCH
-        ))
-    })?;
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))?;
     let mut map =
         seccompiler::compile_from_json(Value::Object(filters).to_string().as_bytes(), arch)
-            .map_err(|e| SeccompError::Compile(e.to_string()))?;
+            .map_err(SeccompError::Compile)?;
     let mut out = Vec::new();
     for k in order {
         let prog = map
             .remove(&k)
-            .ok_or_else(|| SeccompError::Compile(format!("filter {k} missing")))?;
+            .ok_or_else(|| SeccompError::MissingFilter(k.clone()))?;
         out.push(prog.iter().map(|f| (f.code, f.jt, f.jf, f.k)).collect());
     }
     Ok(out)

@@ -10,7 +10,8 @@ use moat_protocol::{protobuf, ttrpc};
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::{Code, Error as TtrpcError};
 
-use crate::container::{Agent, AgentError};
+use crate::agent::Agent;
+use crate::error::AgentError;
 use crate::stdio::{ProcessIo, Stream};
 
 /// The service object.
@@ -47,22 +48,10 @@ impl Service {
     }
 }
 
+/// The ttrpc status for `e` (code from [`AgentError::code`], message its text); logged.
 fn status(e: AgentError) -> TtrpcError {
-    let code = match &e {
-        AgentError::NotFound(_) => Code::NOT_FOUND,
-        AgentError::AlreadyExists(_) => Code::ALREADY_EXISTS,
-        AgentError::InvalidArgument(_) | AgentError::Spec(_) | AgentError::Seccomp(_) => {
-            Code::INVALID_ARGUMENT
-        }
-        AgentError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
-        AgentError::Cgroup(crate::cgroup::CgroupError::Disabled(_))
-        | AgentError::Cgroup(crate::cgroup::CgroupError::NoController { .. }) => {
-            Code::FAILED_PRECONDITION
-        }
-        _ => Code::INTERNAL,
-    };
     tracing::warn!("request failed: {e}");
-    TtrpcError::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    TtrpcError::RpcStatus(ttrpc::get_status(e.code(), e.to_string()))
 }
 
 type R<T> = ttrpc::Result<T>;

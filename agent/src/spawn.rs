@@ -40,6 +40,15 @@ pub enum SpawnError {
     /// The helper went away or said something unexpected.
     #[error("container helper: {0}")]
     Protocol(String),
+    /// Setting up or using the control socket failed.
+    #[error("container helper: {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The agent's handle on a helper once the workload PID is known.
@@ -106,6 +115,7 @@ pub fn spawn_helper(
                     nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_CLOEXEC,
                     nix::sys::stat::Mode::empty(),
                 )
+                // SAFETY: open just returned this descriptor and nothing else owns it.
                 .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
                 .map_err(|source| SpawnError::Sys {
                     what: "open /dev/null",
@@ -148,6 +158,9 @@ pub fn spawn_helper(
         what: "fork",
         source,
     })? {
+        // SAFETY: in the forked child of a threaded process: dup2, sigprocmask, execve and
+        // _exit are async-signal-safe, and every pointer (fds, mask, path, argv, envp) points
+        // into data built before the fork, which the child's copy of memory still holds.
         ForkResult::Child => unsafe {
             for (target, fd) in raw.iter().enumerate() {
                 if libc::dup2(*fd, target as i32) < 0 {
@@ -167,7 +180,10 @@ pub fn spawn_helper(
 
     let mut sock = UnixStream::from(mine);
     sock.set_read_timeout(Some(HELPER_TIMEOUT))
-        .map_err(|e| SpawnError::Protocol(format!("setting a timeout: {e}")))?;
+        .map_err(|source| SpawnError::Io {
+            what: "setting a timeout",
+            source,
+        })?;
     ipc::send(&mut sock, cfg)?;
     match ipc::recv::<_, InitMsg>(&mut sock)? {
         Some(InitMsg::Pid(pid)) => Ok(Helper { sock, pid }),

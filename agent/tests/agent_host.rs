@@ -666,8 +666,8 @@ fn sigterm_tears_everything_down() {
     r.container_id = "c1".into();
     let pids = a.client.list_processes(ctx(), &r).unwrap().pids;
     assert!(pids.len() >= 2, "{pids:?}");
-    // SAFETY: plain kill of our own child.
     let mut child = a.child.take().unwrap();
+    // SAFETY: plain kill of our own child (not yet waited for, so its PID is still its own).
     unsafe { libc::kill(child.id() as i32, 15) };
     assert!(child.wait().unwrap().success());
     a.finished = true;
