@@ -79,7 +79,7 @@ pub struct VsockConfig {
     pub cid: u64,
 }
 
-/// Confinement options (`--no-jail`, `--jail-uid`, `--jail-gid`).
+/// Confinement options (`--no-jail`, `--jail-uid`, `--jail-gid`, `--no-userns`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JailConfig {
     /// Confine the VMM (the default); `--no-jail` turns it off.
@@ -87,6 +87,10 @@ pub struct JailConfig {
     /// Run as this uid/gid instead of uid 0 without capabilities. The caller makes sure that
     /// uid/gid can open `/dev/kvm` and everything the configuration names.
     pub ids: Option<(u32, u32)>,
+    /// Put the jailed VMM in a user namespace of its own with the identity uid/gid map, so
+    /// that the capabilities it keeps act only there (the default); `--no-userns` keeps it in
+    /// the caller's user namespace (docs/security.md says when that is needed).
+    pub userns: bool,
 }
 
 impl Default for JailConfig {
@@ -94,6 +98,7 @@ impl Default for JailConfig {
         Self {
             enabled: true,
             ids: None,
+            userns: true,
         }
     }
 }
@@ -174,6 +179,11 @@ pub enum ConfigError {
     /// Two `--net` options name the same tap.
     #[error("tap {0} is given to more than one --net device")]
     DuplicateTap(String),
+    /// `--no-userns` with `--no-jail`: the user namespace is part of the jail.
+    #[error(
+        "--no-userns cannot be combined with --no-jail (the user namespace is part of the jail)"
+    )]
+    UsernsWithoutJail,
     /// `--jail-uid`/`--jail-gid` with something that needs uid 0, or without the jail.
     #[error("--jail-uid/--jail-gid cannot be combined with {0} (see docs/security.md, \"VMM confinement\")")]
     JailIds(&'static str),
@@ -189,7 +199,7 @@ usage: moat-vmm --kernel PATH [--initrd PATH] [--cmdline EXTRA] [--vcpus N] [--m
                 [--fs TAG=DIR]... [--blk PATH[:ro]]... [--no-rng]
                 [--net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]]... [--netns PATH]
                 [--api-sock PATH [--defer-start]] [--no-seccomp]
-                [--no-jail | --jail-uid UID [--jail-gid GID]]
+                [--no-jail | [--jail-uid UID [--jail-gid GID]] [--no-userns]]
 See docs/vmm.md for the control socket protocol and exit statuses.";
 
 fn invalid(option: &str, value: &str, why: &'static str) -> ConfigError {
@@ -255,6 +265,10 @@ impl VmConfig {
                 }
                 "--no-jail" => {
                     cfg.jail.enabled = false;
+                    continue;
+                }
+                "--no-userns" => {
+                    cfg.jail.userns = false;
                     continue;
                 }
                 _ => {}
@@ -368,6 +382,9 @@ impl VmConfig {
         if cfg.defer_start && cfg.api_sock.is_none() {
             return Err(ConfigError::DeferWithoutApi);
         }
+        if !cfg.jail.userns && !cfg.jail.enabled {
+            return Err(ConfigError::UsernsWithoutJail);
+        }
         match (jail_uid, jail_gid) {
             (None, None) => {}
             (None, Some(_)) => return Err(ConfigError::JailIds("a missing --jail-uid")),
@@ -455,12 +472,18 @@ mod tests {
         assert_eq!(c.vsock, None);
         assert!(c.net.is_empty() && c.netns.is_none());
         assert_eq!(c.jail, JailConfig::default());
-        assert!(c.jail.enabled && c.jail.ids.is_none());
+        assert!(c.jail.enabled && c.jail.ids.is_none() && c.jail.userns);
     }
 
     #[test]
     fn jail_options() {
         assert!(!parse("--kernel /k --no-jail").unwrap().jail.enabled);
+        let c = parse("--kernel /k --fs t=/d --no-userns").unwrap();
+        assert!(c.jail.enabled && !c.jail.userns);
+        assert_eq!(
+            parse("--kernel /k --no-userns --no-jail"),
+            Err(ConfigError::UsernsWithoutJail)
+        );
         let c = parse("--kernel /k --jail-uid 1000 --jail-gid=994").unwrap();
         assert_eq!(c.jail.ids, Some((1000, 994)));
         let c = parse("--kernel /k --jail-uid 65534").unwrap();

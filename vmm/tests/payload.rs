@@ -545,6 +545,50 @@ fn boot_spin(
     (child, c, reader)
 }
 
+/// The VMM runs in a user namespace of its own, mapped to the host's ids one to one, with
+/// `setgroups` denied; the namespaces the jail made stay owned by the host's (initial) user
+/// namespace, so capabilities of its own namespace do not reach them.
+fn assert_in_own_user_namespace(vmm: u32) {
+    let user_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_ne!(user_ns(&vmm.to_string()), user_ns("self"), "user namespace");
+    let identity = ["0", "0", "4294967295"];
+    for map in ["uid_map", "gid_map"] {
+        let text = std::fs::read_to_string(format!("/proc/{vmm}/{map}")).unwrap();
+        assert_eq!(
+            text.split_whitespace().collect::<Vec<_>>(),
+            identity,
+            "{map}"
+        );
+    }
+    let setgroups = std::fs::read_to_string(format!("/proc/{vmm}/setgroups")).unwrap();
+    assert_eq!(setgroups.trim(), "deny");
+    // NS_GET_USERNS of its mount namespace: the owner is our (the host's) user namespace,
+    // not the VMM's, so capabilities of the VMM's namespace do not reach its mounts.
+    const NS_GET_USERNS: libc::c_ulong = 0xb701;
+    let mnt = std::fs::File::open(format!("/proc/{vmm}/ns/mnt")).unwrap();
+    // SAFETY: NS_GET_USERNS takes no argument and returns a new fd or -1.
+    let owner = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&mnt), NS_GET_USERNS) };
+    assert!(owner >= 0, "{}", std::io::Error::last_os_error());
+    let owner_link = std::fs::read_link(format!("/proc/self/fd/{owner}")).unwrap();
+    // SAFETY: closing the fd the ioctl returned.
+    unsafe { libc::close(owner) };
+    assert_eq!(
+        owner_link,
+        user_ns("self"),
+        "owner of the VMM's mount namespace"
+    );
+    let vmm_user = std::fs::File::open(format!("/proc/{vmm}/ns/user")).unwrap();
+    // NS_GET_PARENT of the VMM's user namespace is ours: it is one level down.
+    const NS_GET_PARENT: libc::c_ulong = 0xb702;
+    // SAFETY: NS_GET_PARENT takes no argument and returns a new fd or -1.
+    let parent = unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&vmm_user), NS_GET_PARENT) };
+    assert!(parent >= 0, "{}", std::io::Error::last_os_error());
+    let parent_link = std::fs::read_link(format!("/proc/self/fd/{parent}")).unwrap();
+    // SAFETY: closing the fd the ioctl returned.
+    unsafe { libc::close(parent) };
+    assert_eq!(parent_link, user_ns("self"));
+}
+
 #[test]
 fn jail_confines_the_vmm() {
     if !need_kvm() {
@@ -564,6 +608,7 @@ fn jail_confines_the_vmm() {
     }
     assert_eq!(status_field(vmm, "NSpid"), format!("{vmm}\t1"));
     assert_eq!(status_field(vmm, "Uid"), "0\t0\t0\t0");
+    assert_in_own_user_namespace(vmm);
     assert_eq!(status_field(vmm, "CapEff"), "0000000000000000");
     assert_eq!(status_field(vmm, "CapPrm"), "0000000000000000");
     assert_eq!(status_field(vmm, "CapBnd"), "0000000000000000");
@@ -658,10 +703,12 @@ fn fs_share_keeps_the_ownership_caps_and_sees_later_host_mounts() {
     let fs_arg = format!("t={}", s(&share));
     let (child, mut c, _serial) = boot_spin(&dir, &["--fs", &fs_arg]);
     let vmm = vmm_pid(child.id());
-    // CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID MKNOD SETFCAP, nothing else.
-    assert_eq!(status_field(vmm, "CapEff"), "00000000880000db");
+    // CHOWN DAC_OVERRIDE FOWNER FSETID SETGID SETUID SETFCAP, nothing else, and those only
+    // in the VMM's own user namespace.
+    assert_eq!(status_field(vmm, "CapEff"), "00000000800000db");
     assert_eq!(status_field(vmm, "CapBnd"), "0000000000000000");
     assert_eq!(status_field(vmm, "Uid"), "0\t0\t0\t0");
+    assert_in_own_user_namespace(vmm);
 
     // What the shim does for each container: mount below the share after the VM started.
     let share = std::fs::canonicalize(&share).unwrap();
@@ -730,7 +777,285 @@ fn jail_uid_runs_the_vmm_unprivileged() {
     let vmm = vmm_pid(child.id());
     assert_eq!(status_field(vmm, "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(vmm, "CapEff"), "0000000000000000");
+    assert_in_own_user_namespace(vmm);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert_eq!(finish(child).status.code(), Some(128 + libc::SIGTERM));
+}
+
+#[test]
+fn no_userns_keeps_the_vmm_in_the_callers_user_namespace() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = Scratch::new("jail-no-userns");
+    let share = dir.path("share");
+    std::fs::create_dir(&share).unwrap();
+    let fs_arg = format!("t={}", s(&share));
+    let (child, mut c, _serial) = boot_spin(&dir, &["--fs", &fs_arg, "--no-userns"]);
+    let vmm = vmm_pid(child.id());
+    let user_ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/user")).unwrap();
+    assert_eq!(user_ns(&vmm.to_string()), user_ns("self"));
+    assert_eq!(status_field(vmm, "CapEff"), "00000000800000db");
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{vmm}/ns/mnt")).unwrap(),
+        std::fs::read_link("/proc/self/ns/mnt").unwrap()
+    );
+    assert_eq!(request(&mut c, r#"{"cmd":"stop"}"#)["ok"], true);
+    assert_eq!(finish(child).status.code(), Some(0));
+}
+
+/// A tiny x86-64 assembler for the virtio-fs driver payload: absolute loads and stores
+/// (`mov eax, imm32; mov [moffs64], eax`), polling, and serial output (DX = 0x3f8).
+struct Asm(Vec<u8>);
+
+impl Asm {
+    fn new() -> Self {
+        // mov dx, 0x3f8
+        Asm(vec![0x66, 0xba, 0xf8, 0x03])
+    }
+    fn store32(&mut self, addr: u64, v: u32) {
+        self.0.push(0xb8);
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self.0.push(0xa3);
+        self.0.extend_from_slice(&addr.to_le_bytes());
+    }
+    /// `mov rax, [from]; mov [to], rax`.
+    fn copy64(&mut self, from: u64, to: u64) {
+        self.0.extend_from_slice(&[0x48, 0xa1]);
+        self.0.extend_from_slice(&from.to_le_bytes());
+        self.0.extend_from_slice(&[0x48, 0xa3]);
+        self.0.extend_from_slice(&to.to_le_bytes());
+    }
+    /// Spins until the 16-bit value at `addr` is `v`.
+    fn wait16(&mut self, addr: u64, v: u16) {
+        let start = self.0.len();
+        self.0.extend_from_slice(&[0xf3, 0x90, 0xa1]);
+        self.0.extend_from_slice(&addr.to_le_bytes());
+        self.0.extend_from_slice(&[0x66, 0x3d]);
+        self.0.extend_from_slice(&v.to_le_bytes());
+        let back = start as isize - (self.0.len() as isize + 2);
+        self.0.extend_from_slice(&[0x75, back as i8 as u8]);
+    }
+    /// Prints '@' + (-error) of the FUSE reply at `reply` ('@' success, 'A' EPERM, 'M' EACCES).
+    fn out_errno(&mut self, reply: u64) {
+        self.0.push(0xa1);
+        self.0.extend_from_slice(&(reply + 4).to_le_bytes());
+        // neg eax; add al, 0x40; out dx, al
+        self.0.extend_from_slice(&[0xf7, 0xd8, 0x04, 0x40, 0xee]);
+    }
+    fn out_char(&mut self, c: u8) {
+        self.0.extend_from_slice(&[0xb0, c, 0xee]);
+    }
+    /// i8042 reset, then halt.
+    fn reset(&mut self) {
+        self.0
+            .extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd]);
+    }
+}
+
+/// A FUSE request: the 40-byte header (uid/gid of the guest caller) and its body.
+fn fuse_request(opcode: u32, unique: u64, nodeid: u64, uid: u32, body: &[u8]) -> Vec<u8> {
+    let mut r = Vec::new();
+    r.extend_from_slice(&((40 + body.len()) as u32).to_le_bytes());
+    r.extend_from_slice(&opcode.to_le_bytes());
+    r.extend_from_slice(&unique.to_le_bytes());
+    r.extend_from_slice(&nodeid.to_le_bytes());
+    r.extend_from_slice(&uid.to_le_bytes());
+    r.extend_from_slice(&uid.to_le_bytes()); // gid
+    r.extend_from_slice(&1u32.to_le_bytes()); // pid
+    r.extend_from_slice(&[0; 4]); // total_extlen, padding
+    r.extend_from_slice(body);
+    r
+}
+
+fn words(w: &[u32], name: &str) -> Vec<u8> {
+    let mut b: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    b.extend_from_slice(name.as_bytes());
+    if !name.is_empty() {
+        b.push(0);
+    }
+    b
+}
+
+/// A payload that drives the virtio-fs device (the first virtio-mmio device when there is no
+/// vsock) like a guest kernel would, without one: it sets the device up, sends `requests`
+/// on the request queue in one batch, waits for them, then sends `late` (whose node id it
+/// copies from the `EntryOut` of the last request of the batch, a `LOOKUP`), prints one
+/// character per reply ('@' + errno) and a newline, and resets.
+fn fs_driver_payload(requests: &[Vec<u8>], late: &[u8]) -> Vec<u8> {
+    const MMIO: u64 = 0xd000_0000;
+    const B: u64 = 0x10_0000; // LOAD_ADDR
+    const DESC1: u64 = B + 0x1000;
+    const AVAIL1: u64 = B + 0x1200;
+    const USED1: u64 = B + 0x1400;
+    const DESC0: u64 = B + 0x1800;
+    const AVAIL0: u64 = B + 0x1a00;
+    const USED0: u64 = B + 0x1c00;
+    let req = |i: usize| B + 0x2000 + i as u64 * 0x100;
+    let reply = |i: usize| B + 0x3000 + i as u64 * 0x200;
+    let n = requests.len();
+    assert!(n < 7);
+
+    let mut a = Asm::new();
+    for v in [0, 1, 3] {
+        a.store32(MMIO + 0x70, v);
+    }
+    // VIRTIO_F_VERSION_1 (bit 32), nothing else.
+    a.store32(MMIO + 0x24, 1);
+    a.store32(MMIO + 0x20, 1);
+    a.store32(MMIO + 0x24, 0);
+    a.store32(MMIO + 0x20, 0);
+    a.store32(MMIO + 0x70, 11);
+    for (q, desc, avail, used) in [(0, DESC0, AVAIL0, USED0), (1, DESC1, AVAIL1, USED1)] {
+        a.store32(MMIO + 0x30, q);
+        a.store32(MMIO + 0x38, 16);
+        for (reg, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+            a.store32(MMIO + reg, addr as u32);
+            a.store32(MMIO + reg + 4, 0);
+        }
+        a.store32(MMIO + 0x44, 1);
+    }
+    a.store32(MMIO + 0x70, 15);
+    a.store32(MMIO + 0x50, 1);
+    a.wait16(USED1 + 2, n as u16);
+    for i in 0..n {
+        a.out_errno(reply(i));
+    }
+    a.copy64(reply(n - 1) + 16, req(n) + 16);
+    a.store32(AVAIL1, ((n as u32) + 1) << 16);
+    a.store32(MMIO + 0x50, 1);
+    a.wait16(USED1 + 2, n as u16 + 1);
+    a.out_errno(reply(n));
+    a.out_char(b'\n');
+    a.reset();
+    assert!(a.0.len() < 0x1000, "code too long");
+
+    let mut image = a.0;
+    image.resize(0x4000, 0);
+    let mut put = |addr: u64, bytes: &[u8]| {
+        let off = (addr - B) as usize;
+        image[off..off + bytes.len()].copy_from_slice(bytes);
+    };
+    for (i, r) in requests
+        .iter()
+        .chain(std::iter::once(&late.to_vec()))
+        .enumerate()
+    {
+        assert!(r.len() <= 0x100);
+        let mut d = Vec::new();
+        d.extend_from_slice(&req(i).to_le_bytes());
+        d.extend_from_slice(&(r.len() as u32).to_le_bytes());
+        d.extend_from_slice(&1u16.to_le_bytes()); // NEXT
+        d.extend_from_slice(&(2 * i as u16 + 1).to_le_bytes());
+        d.extend_from_slice(&reply(i).to_le_bytes());
+        d.extend_from_slice(&0x200u32.to_le_bytes());
+        d.extend_from_slice(&2u16.to_le_bytes()); // WRITE
+        d.extend_from_slice(&0u16.to_le_bytes());
+        put(DESC1 + 32 * i as u64, &d);
+        put(req(i), r);
+        // avail.ring[i] = head 2i; the payload publishes the last one itself.
+        put(AVAIL1 + 4 + 2 * i as u64, &(2 * i as u16).to_le_bytes());
+    }
+    put(AVAIL1 + 2, &(n as u16).to_le_bytes());
+    image
+}
+
+#[test]
+fn jailed_virtio_fs_creates_files_as_the_guest_uid_and_refuses_devices() {
+    if !need_kvm() {
+        return;
+    }
+    let dir = Scratch::new("jail-fs-uid");
+    let share = dir.path("share");
+    std::fs::create_dir(&share).unwrap();
+    // An emptyDir: writable by every container user.
+    std::fs::set_permissions(&share, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    // A device node already in the share (an image layer, the host): never to be opened.
+    let devnull = std::ffi::CString::new(s(&share.join("devnull"))).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::mknod(devnull.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(
+        rc,
+        0,
+        "mknod (this test needs root): {}",
+        std::io::Error::last_os_error()
+    );
+    let devnull_mode =
+        std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(share.join("devnull")).unwrap());
+
+    const S_IFREG: u32 = libc::S_IFREG;
+    let requests = vec![
+        fuse_request(26, 1, 0, 0, &words(&[7, 31, 0, 0], "")), // INIT
+        fuse_request(
+            8,
+            2,
+            1,
+            1000,
+            &words(&[S_IFREG | 0o644, 0, 0o022, 0], "file"),
+        ), // MKNOD
+        fuse_request(9, 3, 1, 1000, &words(&[0o755, 0o022], "dir")), // MKDIR
+        fuse_request(
+            8,
+            4,
+            1,
+            0,
+            &words(&[libc::S_IFCHR | 0o666, (1 << 8) | 3, 0, 0], "null"),
+        ),
+        fuse_request(
+            8,
+            5,
+            1,
+            1000,
+            &words(&[libc::S_IFIFO | 0o644, 0, 0o022, 0], "fifo"),
+        ),
+        fuse_request(1, 6, 1, 0, &words(&[], "devnull")), // LOOKUP
+    ];
+    let open = fuse_request(14, 7, 0, 0, &words(&[libc::O_RDWR as u32, 0], "")); // OPEN
+    let kernel = dir.path("payload.elf");
+    std::fs::write(&kernel, elf(&fs_driver_payload(&requests, &open))).unwrap();
+    let serial = dir.path("serial.log");
+    let child = spawn(&[
+        "--kernel",
+        s(&kernel),
+        "--serial",
+        &format!("file:{}", s(&serial)),
+        "--fs",
+        &format!("t={}", s(&share)),
+    ]);
+    let out = finish(child);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    // INIT, MKNOD file, MKDIR, MKNOD char 1:3 (EPERM), MKNOD fifo, LOOKUP, OPEN device (EACCES).
+    assert_eq!(
+        std::fs::read_to_string(&serial).unwrap(),
+        "@@@A@@M\n",
+        "stderr: {stderr}"
+    );
+
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    for (name, is) in [
+        (
+            "file",
+            std::fs::FileType::is_file as fn(&std::fs::FileType) -> bool,
+        ),
+        ("dir", std::fs::FileType::is_dir),
+        ("fifo", FileTypeExt::is_fifo),
+    ] {
+        let m = std::fs::symlink_metadata(share.join(name)).unwrap();
+        assert!(is(&m.file_type()), "{name}: {:?}", m.file_type());
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (1000, 1000),
+            "{name} is owned by the guest's uid"
+        );
+    }
+    assert!(std::fs::symlink_metadata(share.join("null")).is_err());
+    let m = std::fs::symlink_metadata(share.join("devnull")).unwrap();
+    assert!(m.file_type().is_char_device());
+    assert_eq!(
+        (m.uid(), m.mode()),
+        (0, devnull_mode),
+        "the node was not changed"
+    );
 }

@@ -30,6 +30,20 @@ pub enum JailError {
         #[source]
         err: nix::Error,
     },
+    /// The user namespace could not be created.
+    #[error(
+        "jail: cannot create the VMM's user namespace: {err} (user namespaces may be disabled: \
+         user.max_user_namespaces, or an LSM policy; --no-userns keeps the VMM in the caller's \
+         user namespace, see docs/security.md)"
+    )]
+    UserNs {
+        /// The error of `unshare(CLONE_NEWUSER)`.
+        #[source]
+        err: nix::Error,
+    },
+    /// The supervisor could not write the user namespace's uid/gid maps (it says why).
+    #[error("jail: the supervisor did not map the VMM's user namespace")]
+    UserNsNotMapped,
     /// Changing the capability sets failed.
     #[error("jail: {op}: {err}")]
     Caps {

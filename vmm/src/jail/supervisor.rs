@@ -1,10 +1,11 @@
 //! The jail's process structure: [`enter`] checks the process is single-threaded, forks the
 //! VMM into a new pid namespace and returns the [`Role`] of each side. The supervisor
 //! forwards termination signals and reports the VMM's exit status; the VMM unshares its mount,
-//! IPC and UTS namespaces and is confined (new root, rlimits, credentials) before it returns.
+//! IPC and UTS namespaces and is confined (new root, rlimits, user namespace, credentials)
+//! before it returns. The supervisor writes the user namespace's maps in between.
 
 use std::fs;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -17,7 +18,8 @@ use nix::unistd::{fork, pipe2, ForkResult, Pid};
 
 use super::error::{sys, JailError};
 use super::mounts::{build_root, canonicalize, make_shares_propagate, plan, undo_shares, Kind};
-use super::privileges::{drop_privileges, limit, NOFILE_FS};
+use super::privileges::{drop_groups, drop_privileges, limit, NOFILE_FS};
+use super::userns::{self, VmmSide};
 use crate::config::VmConfig;
 
 /// Which side of the fork [`enter`] returned on.
@@ -79,13 +81,14 @@ pub fn enter(cfg: &mut VmConfig) -> Result<Role, JailError> {
         nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&supervised), Some(&mut old))
             .map_err(sys("block signals"))?;
         let (alive_r, alive_w) = pipe2(OFlag::O_CLOEXEC).map_err(sys("pipe"))?;
+        let sync = cfg.jail.userns.then(userns::Sync::new).transpose()?;
         unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare the pid namespace"))?;
         // SAFETY: the process is single-threaded (checked above), so the child may run
         // arbitrary code.
         let forked = unsafe { fork() }.map_err(sys("fork"))?;
-        Ok::<_, JailError>((forked, alive_r, alive_w))
+        Ok::<_, JailError>((forked, alive_r, alive_w, sync))
     })();
-    let (forked, alive_r, alive_w) = match set_up {
+    let (forked, alive_r, alive_w, sync) = match set_up {
         Ok(v) => v,
         Err(e) => {
             undo_shares(&made);
@@ -95,6 +98,12 @@ pub fn enter(cfg: &mut VmConfig) -> Result<Role, JailError> {
     match forked {
         ForkResult::Parent { child } => {
             drop(alive_r);
+            if let Some(sync) = sync {
+                // On failure the VMM sees the closed pipe and exits; supervise() reaps it.
+                if let Err(e) = sync.supervisor().map(child) {
+                    eprintln!("moat-vmm: {e}");
+                }
+            }
             let code = supervise(child, &supervised);
             undo_shares(&made);
             drop(alive_w);
@@ -102,23 +111,32 @@ pub fn enter(cfg: &mut VmConfig) -> Result<Role, JailError> {
         }
         ForkResult::Child => {
             drop(alive_w);
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("PR_SET_PDEATHSIG"))?;
-            // The supervisor may have died before the line above: then the pipe is closed.
-            let mut fds = [PollFd::new(alive_r.as_fd(), PollFlags::POLLIN)];
-            if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
-                std::process::exit(1);
-            }
-            drop(alive_r);
+            let sync = sync.map(userns::Sync::vmm);
+            die_with_supervisor(&alive_r)?;
             let mut mask = old;
             for s in termination_signals().iter() {
                 mask.add(s);
             }
             nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&mask), None)
                 .map_err(sys("set the signal mask"))?;
-            confine(cfg, &binds, nr_open)?;
+            confine(cfg, &binds, nr_open, sync)?;
+            // A change of uid (--jail-uid) clears the parent-death signal: set it again.
+            die_with_supervisor(&alive_r)?;
+            drop(alive_r);
             Ok(Role::Vmm)
         }
     }
+}
+
+/// In the VMM: asks for SIGKILL when the supervisor dies, and exits if it already has (then
+/// `alive`, whose write end only the supervisor holds, is at end of file).
+fn die_with_supervisor(alive: &OwnedFd) -> Result<(), JailError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("PR_SET_PDEATHSIG"))?;
+    let mut fds = [PollFd::new(alive.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0) {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 /// Forwards termination signals to `child` until it exits; returns its exit status.
@@ -145,8 +163,14 @@ fn supervise(child: Pid, set: &SigSet) -> i32 {
     }
 }
 
-/// In the forked VMM: namespaces, the new root, rlimits, credentials.
-fn confine(cfg: &VmConfig, binds: &[(PathBuf, Kind)], nr_open: u64) -> Result<(), JailError> {
+/// In the forked VMM: namespaces, the new root, rlimits, the user namespace (entered last,
+/// so that it owns none of the others: see [`userns`]), credentials.
+fn confine(
+    cfg: &VmConfig,
+    binds: &[(PathBuf, Kind)],
+    nr_open: u64,
+    userns: Option<VmmSide>,
+) -> Result<(), JailError> {
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
         .map_err(sys("unshare the mount, IPC and UTS namespaces"))?;
     // Nothing done below may propagate back to the host; host mounts still propagate in.
@@ -159,6 +183,11 @@ fn confine(cfg: &VmConfig, binds: &[(PathBuf, Kind)], nr_open: u64) -> Result<()
     )
     .map_err(sys("make / a slave mount"))?;
     build_root(binds)?;
+    // Hard limits above the current ones need CAP_SYS_RESOURCE of the initial namespace.
     limit(cfg, nr_open)?;
+    drop_groups(cfg)?;
+    if let Some(side) = userns {
+        side.enter()?;
+    }
     drop_privileges(cfg)
 }

@@ -2,7 +2,8 @@
 //! fuse-backend-rs's `Server` over a `PassthroughFs` rooted at the shared host directory.
 //!
 //! Queue 0 is the high-priority queue (FORGET, INTERRUPT), queue 1 the single request queue.
-//! No DAX window: the guest reads and writes through the queues.
+//! No DAX window: the guest reads and writes through the queues. The passthrough server sits
+//! behind [`PolicyFs`], which refuses device nodes (see [`super::fs_policy`]).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fs_policy::PolicyFs;
 use super::{
     device_type, drain_queue, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
@@ -48,7 +50,7 @@ pub enum FsError {
 /// The virtio-fs device.
 pub struct Fs {
     config: [u8; TAG_LEN + 4],
-    server: Arc<Server<Arc<PassthroughFs>>>,
+    server: Arc<Server<Arc<PolicyFs<PassthroughFs>>>>,
     evts: [EventFd; NUM_QUEUES],
     active: Option<ActivateContext>,
 }
@@ -82,7 +84,7 @@ impl Fs {
         let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd);
         Ok(Self {
             config,
-            server: Arc::new(Server::new(Arc::new(fs))),
+            server: Arc::new(Server::new(Arc::new(PolicyFs::new(fs)))),
             evts: [evt()?, evt()?],
             active: None,
         })

@@ -1,0 +1,761 @@
+//! The virtio-fs file-type policy: a [`FileSystem`] layer in front of fuse-backend-rs's
+//! passthrough server that keeps the guest away from host devices.
+//!
+//! The guest kernel never sends `FUSE_OPEN` for a device node (it opens special files with its
+//! own drivers), so every request below comes from a guest kernel that is attacking the host.
+//! fuse-backend-rs has no option for any of this (its `Config` has none; `mknod` passes mode
+//! and rdev to `mknodat` as they come, and only its internal `open_inode` happens to refuse
+//! non-regular, non-directory inodes). The layer refuses:
+//!
+//! - `FUSE_MKNOD` of a character or block device (`EPERM`, what the kernel answers a caller
+//!   without `CAP_MKNOD`). Regular files, FIFOs and sockets stay allowed (containers use them),
+//!   and so does the overlayfs whiteout (character device 0:0, which no driver backs);
+//! - `FUSE_OPEN`, `FUSE_CREATE` (of a name that exists) and `FUSE_SETUPMAPPING` on an inode that
+//!   is a character or block device (`EACCES`, what a `nodev` mount answers): a device node
+//!   already in the share (from an image layer, or put there by the host) is never opened;
+//! - `FUSE_SETATTR` changing the mode, owner or size of a device node (`EPERM`), so the guest
+//!   cannot make such a node usable by other host users.
+//!
+//! `link` and `rename` of existing device nodes stay allowed: they create no new device and
+//! give no access to one. Setuid/setgid bits and file capabilities stay allowed too: container
+//! images carry setuid binaries; the host mounts the shares `nosuid` (the shim), and the jail's
+//! binds are `nosuid,nodev,noexec`.
+//!
+//! This is one of three layers: with the jail on, the VMM's user namespace makes the kernel
+//! refuse device creation anyway (`CAP_MKNOD` is checked in the initial user namespace), and
+//! its binds of the shares are `nodev`. The layer is what still holds with `--no-jail`.
+
+use std::ffi::CStr;
+use std::io;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
+use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileLock, FileSystem, GetxattrReply, IoctlData, ListxattrReply,
+    ZeroCopyReader, ZeroCopyWriter,
+};
+use fuse_backend_rs::transport::FsCacheReqHandler;
+
+/// Attribute changes refused on a device node: mode, owner, group and size.
+const SETATTR_GUARDED: SetattrValid = SetattrValid::MODE
+    .union(SetattrValid::UID)
+    .union(SetattrValid::GID)
+    .union(SetattrValid::SIZE);
+
+/// Whether `mode` is a character or block device.
+pub fn is_device(mode: u32) -> bool {
+    matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK)
+}
+
+/// Whether `FUSE_MKNOD` may create a node of `mode`/`rdev`: regular files (also file type 0,
+/// which `mknod` treats as regular), FIFOs, sockets and the whiteout (character device 0:0).
+pub fn mknod_allowed(mode: u32, rdev: u32) -> bool {
+    match mode & libc::S_IFMT {
+        0 | libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => true,
+        libc::S_IFCHR => rdev == 0,
+        _ => false,
+    }
+}
+
+/// Logs a refusal (rate-limited: the guest chooses how often) and returns `errno`.
+fn refused(op: &str, inode: u64, errno: i32) -> io::Error {
+    guest_warn!("virtio-fs: refused {op} of a device node (inode {inode})");
+    io::Error::from_raw_os_error(errno)
+}
+
+/// A [`FileSystem`] that forwards everything to `inner` except what the module doc lists.
+pub struct PolicyFs<F> {
+    inner: F,
+}
+
+impl<F: FileSystem> PolicyFs<F> {
+    /// Puts the policy in front of `inner`.
+    pub fn new(inner: F) -> Self {
+        Self { inner }
+    }
+
+    /// The wrapped file system.
+    pub fn inner(&self) -> &F {
+        &self.inner
+    }
+
+    /// Whether `inode` is a device node (its type never changes, so one `getattr`, which
+    /// stats the server's `O_PATH` fd and opens nothing, decides).
+    fn is_device(&self, ctx: &Context, inode: u64) -> io::Result<bool> {
+        let (st, _) = self.inner.getattr(ctx, inode.into(), None)?;
+        Ok(is_device(st.st_mode))
+    }
+}
+
+impl<F: FileSystem> FileSystem for PolicyFs<F> {
+    type Inode = F::Inode;
+    type Handle = F::Handle;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.inner.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(Self::Inode, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Option<Self::Handle>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        attr: stat64,
+        handle: Option<Self::Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        let raw: u64 = inode.into();
+        if valid.intersects(SETATTR_GUARDED) && self.is_device(ctx, raw)? {
+            return Err(refused("setattr", raw, libc::EPERM));
+        }
+        self.inner.setattr(ctx, raw.into(), attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: Self::Inode) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: Self::Inode,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.inner.symlink(ctx, linkname, parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        if !mknod_allowed(mode, rdev) {
+            return Err(refused("mknod", inode.into(), libc::EPERM));
+        }
+        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: Self::Inode,
+        oldname: &CStr,
+        newdir: Self::Inode,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        newparent: Self::Inode,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        let raw: u64 = inode.into();
+        if self.is_device(ctx, raw)? {
+            return Err(refused("open", raw, libc::EACCES));
+        }
+        self.inner.open(ctx, raw.into(), flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        let parent: u64 = parent.into();
+        // Without O_EXCL, FUSE_CREATE opens a file that already exists under `name`. Refuse
+        // a device there before anything opens it...
+        if let Ok(e) = self.inner.lookup(ctx, parent.into(), name) {
+            if e.inode != 0 {
+                self.inner.forget(ctx, e.inode.into(), 1);
+                if is_device(e.attr.st_mode) {
+                    return Err(refused("create", e.inode, libc::EACCES));
+                }
+            }
+        }
+        // ... and check what was actually opened (the name may have been swapped in between:
+        // the entry is the inode the server opened).
+        let (entry, handle, opts, passthrough) =
+            self.inner.create(ctx, parent.into(), name, args)?;
+        if is_device(entry.attr.st_mode) {
+            if let Some(h) = handle {
+                let _ =
+                    self.inner
+                        .release(ctx, entry.inode.into(), args.flags, h, false, false, None);
+            }
+            self.inner.forget(ctx, entry.inode.into(), 1);
+            return Err(refused("create", entry.inode, libc::EACCES));
+        }
+        Ok((entry, handle, opts, passthrough))
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        lock_owner: u64,
+    ) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        datasync: bool,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, inode: Self::Inode) -> io::Result<statvfs64> {
+        self.inner.statfs(ctx, inode)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner.setxattr(ctx, inode, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size)
+    }
+
+    fn listxattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        size: u32,
+    ) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size)
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
+        self.inner.removexattr(ctx, inode, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn fsyncdir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        datasync: bool,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setupmapping(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        let raw: u64 = inode.into();
+        if self.is_device(ctx, raw)? {
+            return Err(refused("setupmapping", raw, libc::EACCES));
+        }
+        self.inner.setupmapping(
+            ctx,
+            raw.into(),
+            handle,
+            foffset,
+            len,
+            flags,
+            moffset,
+            vu_req,
+        )
+    }
+
+    fn removemapping(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        self.inner.removemapping(ctx, inode, requests, vu_req)
+    }
+
+    fn access(&self, ctx: &Context, inode: Self::Inode, mask: u32) -> io::Result<()> {
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    fn getlk(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<FileLock> {
+        self.inner.getlk(ctx, inode, handle, owner, lock, flags)
+    }
+
+    fn setlk(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner.setlk(ctx, inode, handle, owner, lock, flags)
+    }
+
+    fn setlkw(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.inner.setlkw(ctx, inode, handle, owner, lock, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        flags: u32,
+        cmd: u32,
+        data: IoctlData,
+        out_size: u32,
+    ) -> io::Result<IoctlData<'_>> {
+        self.inner
+            .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
+    }
+
+    fn bmap(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        block: u64,
+        blocksize: u32,
+    ) -> io::Result<u64> {
+        self.inner.bmap(ctx, inode, block, blocksize)
+    }
+
+    fn poll(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        khandle: Self::Handle,
+        flags: u32,
+        events: u32,
+    ) -> io::Result<u32> {
+        self.inner.poll(ctx, inode, handle, khandle, flags, events)
+    }
+
+    fn notify_reply(&self) -> io::Result<()> {
+        self.inner.notify_reply()
+    }
+
+    #[inline]
+    fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
+        self.inner.id_remap(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fuse_backend_rs::api::filesystem::ROOT_ID;
+    use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+    use std::ffi::CString;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::path::{Path, PathBuf};
+
+    struct Share(PathBuf);
+
+    impl Drop for Share {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn share(name: &str) -> (PolicyFs<PassthroughFs>, Share) {
+        let dir =
+            std::env::temp_dir().join(format!("moat-fs-policy-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fs = PassthroughFs::new(Config {
+            root_dir: dir.display().to_string(),
+            do_import: true,
+            xattr: true,
+            ..Default::default()
+        })
+        .unwrap();
+        fs.import().unwrap();
+        (PolicyFs::new(fs), Share(dir))
+    }
+
+    fn ctx(uid: u32) -> Context {
+        Context {
+            uid,
+            gid: uid,
+            pid: 1,
+        }
+    }
+
+    fn c(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    fn errno(e: io::Error) -> i32 {
+        e.raw_os_error().unwrap_or_default()
+    }
+
+    /// A host-side `mknod` (the test runs as root), as an image layer or the host could leave.
+    fn host_mknod(path: &Path, mode: u32, dev: libc::dev_t) -> bool {
+        let p = c(path.to_str().unwrap());
+        // SAFETY: `p` is a valid NUL-terminated path.
+        unsafe { libc::mknod(p.as_ptr(), mode, dev) == 0 }
+    }
+
+    #[test]
+    fn mode_classification() {
+        assert!(is_device(libc::S_IFCHR | 0o666) && is_device(libc::S_IFBLK));
+        assert!(!is_device(libc::S_IFIFO) && !is_device(libc::S_IFREG | 0o4755));
+        for ok in [0, libc::S_IFREG, libc::S_IFIFO, libc::S_IFSOCK] {
+            assert!(mknod_allowed(ok | 0o644, 0), "{ok:o}");
+        }
+        assert!(mknod_allowed(libc::S_IFCHR, 0), "whiteout");
+        assert!(!mknod_allowed(libc::S_IFCHR | 0o666, (1 << 8) | 3));
+        assert!(!mknod_allowed(libc::S_IFBLK | 0o660, 0));
+        assert!(!mknod_allowed(libc::S_IFDIR | 0o755, 0));
+        assert!(!mknod_allowed(libc::S_IFLNK | 0o777, 0));
+    }
+
+    #[test]
+    fn mknod_refuses_devices_and_allows_fifos_sockets_files() {
+        let (fs, dir) = share("mknod");
+        let root = ctx(0);
+        let null = c("null");
+        let e = fs
+            .mknod(
+                &root,
+                ROOT_ID,
+                &null,
+                libc::S_IFCHR | 0o666,
+                (1 << 8) | 3,
+                0,
+            )
+            .unwrap_err();
+        assert_eq!(errno(e), libc::EPERM);
+        assert!(std::fs::symlink_metadata(dir.0.join("null")).is_err());
+        let e = fs
+            .mknod(&root, ROOT_ID, &c("sda"), libc::S_IFBLK | 0o660, 8 << 8, 0)
+            .unwrap_err();
+        assert_eq!(errno(e), libc::EPERM);
+        assert!(std::fs::symlink_metadata(dir.0.join("sda")).is_err());
+
+        // A container user makes a FIFO, a socket node and a file: allowed, owned by it.
+        let user = ctx(1000);
+        for (name, mode) in [
+            ("fifo", libc::S_IFIFO | 0o644),
+            ("sock", libc::S_IFSOCK | 0o644),
+            ("file", libc::S_IFREG | 0o644),
+        ] {
+            let e = fs.mknod(&user, ROOT_ID, &c(name), mode, 0, 0o022).unwrap();
+            assert_eq!(e.attr.st_mode & libc::S_IFMT, mode & libc::S_IFMT, "{name}");
+            let m = std::fs::symlink_metadata(dir.0.join(name)).unwrap();
+            assert_eq!((m.uid(), m.gid()), (1000, 1000), "{name}");
+        }
+        assert!(std::fs::symlink_metadata(dir.0.join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        // The overlayfs whiteout (0:0) is no device.
+        let w = fs
+            .mknod(&root, ROOT_ID, &c("wh"), libc::S_IFCHR, 0, 0)
+            .unwrap();
+        assert!(std::fs::symlink_metadata(dir.0.join("wh"))
+            .unwrap()
+            .file_type()
+            .is_char_device());
+        assert_eq!(w.attr.st_rdev, 0);
+    }
+
+    #[test]
+    fn existing_device_nodes_are_never_opened_or_changed() {
+        let (fs, dir) = share("open");
+        let dev = dir.0.join("null");
+        assert!(
+            host_mknod(&dev, libc::S_IFCHR | 0o666, libc::makedev(1, 3)),
+            "mknod: {} (this test needs root)",
+            io::Error::last_os_error()
+        );
+        std::fs::write(dir.0.join("plain"), b"x").unwrap();
+        let root = ctx(0);
+        let e = fs.lookup(&root, ROOT_ID, &c("null")).unwrap();
+        assert!(is_device(e.attr.st_mode));
+        for flags in [
+            libc::O_RDONLY,
+            libc::O_RDWR,
+            libc::O_WRONLY | libc::O_NONBLOCK,
+        ] {
+            let err = fs.open(&root, e.inode, flags as u32, 0).unwrap_err();
+            assert_eq!(errno(err), libc::EACCES, "flags {flags:#o}");
+        }
+        // FUSE_CREATE without O_EXCL on the existing name.
+        let args = CreateIn {
+            flags: libc::O_RDWR as u32,
+            mode: libc::S_IFREG | 0o644,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        let err = fs.create(&root, ROOT_ID, &c("null"), args).unwrap_err();
+        assert_eq!(errno(err), libc::EACCES);
+        // chmod/chown/truncate of the node: refused; its times may change.
+        // SAFETY: stat64 is plain old data; all-zero is a valid value.
+        let mut attr: stat64 = unsafe { std::mem::zeroed() };
+        attr.st_mode = libc::S_IFCHR | 0o777;
+        attr.st_uid = 1000;
+        for valid in [SetattrValid::MODE, SetattrValid::UID, SetattrValid::SIZE] {
+            let err = fs.setattr(&root, e.inode, attr, None, valid).unwrap_err();
+            assert_eq!(errno(err), libc::EPERM, "{valid:?}");
+        }
+        fs.setattr(&root, e.inode, attr, None, SetattrValid::MTIME_NOW)
+            .unwrap();
+        let m = std::fs::symlink_metadata(&dev).unwrap();
+        assert_eq!((m.mode() & 0o7777, m.uid()), (0o666, 0));
+
+        // Regular files still open, create and chmod as usual.
+        let p = fs.lookup(&root, ROOT_ID, &c("plain")).unwrap();
+        let (h, _, _) = fs.open(&root, p.inode, libc::O_RDWR as u32, 0).unwrap();
+        fs.release(&root, p.inode, 0, h.unwrap(), false, false, None)
+            .unwrap();
+        let (n, h, _, _) = fs.create(&ctx(1000), ROOT_ID, &c("new"), args).unwrap();
+        fs.release(&root, n.inode, 0, h.unwrap(), false, false, None)
+            .unwrap();
+        assert_eq!(std::fs::metadata(dir.0.join("new")).unwrap().uid(), 1000);
+        attr.st_mode = 0o600;
+        fs.setattr(&root, p.inode, attr, None, SetattrValid::MODE)
+            .unwrap();
+        // Links and renames of the node are no new device: allowed.
+        fs.link(&root, e.inode, ROOT_ID, &c("null2")).unwrap();
+        fs.rename(&root, ROOT_ID, &c("null2"), ROOT_ID, &c("null3"), 0)
+            .unwrap();
+    }
+}
