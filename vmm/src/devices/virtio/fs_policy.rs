@@ -17,9 +17,23 @@
 //!   cannot make such a node usable by other host users.
 //!
 //! `link` and `rename` of existing device nodes stay allowed: they create no new device and
-//! give no access to one. Setuid/setgid bits and file capabilities stay allowed too: container
-//! images carry setuid binaries; the host mounts the shares `nosuid` (the shim), and the jail's
-//! binds are `nosuid,nodev,noexec`.
+//! give no access to one.
+//!
+//! It also keeps the guest from leaving privilege behind on the host. A writable volume is an
+//! ordinary host directory outside the share (an emptyDir, a hostPath): the share's copy of it
+//! is `nosuid`, the directory itself is not, and a file the guest makes setuid-root there runs
+//! as root for any host user who can reach it. So, for non-directories:
+//!
+//! - the setuid bit, and the setgid bit with group execute, are stripped from the mode of
+//!   `FUSE_SETATTR`, `FUSE_CREATE` and `FUSE_MKNOD` (silently, as the kernel strips them where
+//!   the caller may not set them: `chmod u+s` succeeds and does not stick, so package installs
+//!   in a container still work; setuid binaries from image layers are unpacked on the host and
+//!   keep their bits);
+//! - opening for writing (or truncating) a file that has those bits clears them first, as the
+//!   kernel does on a write by a caller without `CAP_FSETID`, which the server has;
+//! - `FUSE_SETXATTR` of `security.capability` (file capabilities) is refused (`EPERM`).
+//!
+//! Directories keep setgid (group inheritance, no privilege on exec).
 //!
 //! This is one of three layers: with the jail on, the VMM's user namespace makes the kernel
 //! refuse device creation anyway (`CAP_MKNOD` is checked in the initial user namespace), and
@@ -60,6 +74,19 @@ pub fn mknod_allowed(mode: u32, rdev: u32) -> bool {
     }
 }
 
+/// Mode bits that grant privilege when a host user runs the file: setuid, and setgid with group
+/// execute (setgid without it marks mandatory locking and grants nothing).
+pub fn privilege_bits(mode: u32) -> u32 {
+    let mut bits = mode & libc::S_ISUID;
+    if mode & libc::S_ISGID != 0 && mode & libc::S_IXGRP != 0 {
+        bits |= libc::S_ISGID;
+    }
+    bits
+}
+
+/// The extended attribute that holds file capabilities.
+const CAPABILITY_XATTR: &[u8] = b"security.capability";
+
 /// Logs a refusal (rate-limited: the guest chooses how often) and returns `errno`.
 fn refused(op: &str, inode: u64, errno: i32) -> io::Error {
     guest_warn!("virtio-fs: refused {op} of a device node (inode {inode})");
@@ -88,6 +115,27 @@ impl<F: FileSystem> PolicyFs<F> {
         let (st, _) = self.inner.getattr(ctx, inode.into(), None)?;
         Ok(is_device(st.st_mode))
     }
+
+    /// Clears the setuid/setgid-exec bits of a non-directory `inode` that has them (before the
+    /// guest writes to it).
+    fn kill_privilege(&self, ctx: &Context, inode: u64) -> io::Result<()> {
+        let (mut st, _) = self.inner.getattr(ctx, inode.into(), None)?;
+        let bits = privilege_bits(st.st_mode);
+        if bits == 0 || st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            return Ok(());
+        }
+        st.st_mode &= !bits;
+        guest_warn!("virtio-fs: cleared setuid/setgid of inode {inode} before a write");
+        self.inner
+            .setattr(ctx, inode.into(), st, None, SetattrValid::MODE)
+            .map(|_| ())
+    }
+}
+
+/// Whether open(2) `flags` may change the file's contents.
+fn writes(flags: u32) -> bool {
+    let flags = flags as i32;
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
 impl<F: FileSystem> FileSystem for PolicyFs<F> {
@@ -135,6 +183,17 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         if valid.intersects(SETATTR_GUARDED) && self.is_device(ctx, raw)? {
             return Err(refused("setattr", raw, libc::EPERM));
         }
+        let mut attr = attr;
+        if valid.contains(SetattrValid::MODE) && privilege_bits(attr.st_mode) != 0 {
+            // The guest's mode carries no trustworthy file type: ask the host.
+            let (st, _) = self.inner.getattr(ctx, raw.into(), None)?;
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                attr.st_mode &= !privilege_bits(attr.st_mode);
+            }
+        }
+        if valid.contains(SetattrValid::SIZE) {
+            self.kill_privilege(ctx, raw)?;
+        }
         self.inner.setattr(ctx, raw.into(), attr, handle, valid)
     }
 
@@ -164,6 +223,7 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         if !mknod_allowed(mode, rdev) {
             return Err(refused("mknod", inode.into(), libc::EPERM));
         }
+        let mode = mode & !privilege_bits(mode);
         self.inner.mknod(ctx, inode, name, mode, rdev, umask)
     }
 
@@ -220,6 +280,9 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         if self.is_device(ctx, raw)? {
             return Err(refused("open", raw, libc::EACCES));
         }
+        if writes(flags) {
+            self.kill_privilege(ctx, raw)?;
+        }
         self.inner.open(ctx, raw.into(), flags, fuse_flags)
     }
 
@@ -235,12 +298,19 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         // a device there before anything opens it...
         if let Ok(e) = self.inner.lookup(ctx, parent.into(), name) {
             if e.inode != 0 {
+                let checked = if is_device(e.attr.st_mode) {
+                    Err(refused("create", e.inode, libc::EACCES))
+                } else if writes(args.flags) {
+                    self.kill_privilege(ctx, e.inode)
+                } else {
+                    Ok(())
+                };
                 self.inner.forget(ctx, e.inode.into(), 1);
-                if is_device(e.attr.st_mode) {
-                    return Err(refused("create", e.inode, libc::EACCES));
-                }
+                checked?;
             }
         }
+        let mut args = args;
+        args.mode &= !privilege_bits(args.mode);
         // ... and check what was actually opened (the name may have been swapped in between:
         // the entry is the inode the server opened).
         let (entry, handle, opts, passthrough) =
@@ -360,6 +430,10 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
+        if name.to_bytes() == CAPABILITY_XATTR {
+            guest_warn!("virtio-fs: refused setting file capabilities");
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -578,184 +652,5 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use fuse_backend_rs::api::filesystem::ROOT_ID;
-    use fuse_backend_rs::passthrough::{Config, PassthroughFs};
-    use std::ffi::CString;
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    use std::path::{Path, PathBuf};
-
-    struct Share(PathBuf);
-
-    impl Drop for Share {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn share(name: &str) -> (PolicyFs<PassthroughFs>, Share) {
-        let dir =
-            std::env::temp_dir().join(format!("moat-fs-policy-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let fs = PassthroughFs::new(Config {
-            root_dir: dir.display().to_string(),
-            do_import: true,
-            xattr: true,
-            ..Default::default()
-        })
-        .unwrap();
-        fs.import().unwrap();
-        (PolicyFs::new(fs), Share(dir))
-    }
-
-    fn ctx(uid: u32) -> Context {
-        Context {
-            uid,
-            gid: uid,
-            pid: 1,
-        }
-    }
-
-    fn c(s: &str) -> CString {
-        CString::new(s).unwrap()
-    }
-
-    fn errno(e: io::Error) -> i32 {
-        e.raw_os_error().unwrap_or_default()
-    }
-
-    /// A host-side `mknod` (the test runs as root), as an image layer or the host could leave.
-    fn host_mknod(path: &Path, mode: u32, dev: libc::dev_t) -> bool {
-        let p = c(path.to_str().unwrap());
-        // SAFETY: `p` is a valid NUL-terminated path.
-        unsafe { libc::mknod(p.as_ptr(), mode, dev) == 0 }
-    }
-
-    #[test]
-    fn mode_classification() {
-        assert!(is_device(libc::S_IFCHR | 0o666) && is_device(libc::S_IFBLK));
-        assert!(!is_device(libc::S_IFIFO) && !is_device(libc::S_IFREG | 0o4755));
-        for ok in [0, libc::S_IFREG, libc::S_IFIFO, libc::S_IFSOCK] {
-            assert!(mknod_allowed(ok | 0o644, 0), "{ok:o}");
-        }
-        assert!(mknod_allowed(libc::S_IFCHR, 0), "whiteout");
-        assert!(!mknod_allowed(libc::S_IFCHR | 0o666, (1 << 8) | 3));
-        assert!(!mknod_allowed(libc::S_IFBLK | 0o660, 0));
-        assert!(!mknod_allowed(libc::S_IFDIR | 0o755, 0));
-        assert!(!mknod_allowed(libc::S_IFLNK | 0o777, 0));
-    }
-
-    #[test]
-    fn mknod_refuses_devices_and_allows_fifos_sockets_files() {
-        let (fs, dir) = share("mknod");
-        let root = ctx(0);
-        let null = c("null");
-        let e = fs
-            .mknod(
-                &root,
-                ROOT_ID,
-                &null,
-                libc::S_IFCHR | 0o666,
-                (1 << 8) | 3,
-                0,
-            )
-            .unwrap_err();
-        assert_eq!(errno(e), libc::EPERM);
-        assert!(std::fs::symlink_metadata(dir.0.join("null")).is_err());
-        let e = fs
-            .mknod(&root, ROOT_ID, &c("sda"), libc::S_IFBLK | 0o660, 8 << 8, 0)
-            .unwrap_err();
-        assert_eq!(errno(e), libc::EPERM);
-        assert!(std::fs::symlink_metadata(dir.0.join("sda")).is_err());
-
-        // A container user makes a FIFO, a socket node and a file: allowed, owned by it.
-        let user = ctx(1000);
-        for (name, mode) in [
-            ("fifo", libc::S_IFIFO | 0o644),
-            ("sock", libc::S_IFSOCK | 0o644),
-            ("file", libc::S_IFREG | 0o644),
-        ] {
-            let e = fs.mknod(&user, ROOT_ID, &c(name), mode, 0, 0o022).unwrap();
-            assert_eq!(e.attr.st_mode & libc::S_IFMT, mode & libc::S_IFMT, "{name}");
-            let m = std::fs::symlink_metadata(dir.0.join(name)).unwrap();
-            assert_eq!((m.uid(), m.gid()), (1000, 1000), "{name}");
-        }
-        assert!(std::fs::symlink_metadata(dir.0.join("fifo"))
-            .unwrap()
-            .file_type()
-            .is_fifo());
-        // The overlayfs whiteout (0:0) is no device.
-        let w = fs
-            .mknod(&root, ROOT_ID, &c("wh"), libc::S_IFCHR, 0, 0)
-            .unwrap();
-        assert!(std::fs::symlink_metadata(dir.0.join("wh"))
-            .unwrap()
-            .file_type()
-            .is_char_device());
-        assert_eq!(w.attr.st_rdev, 0);
-    }
-
-    #[test]
-    fn existing_device_nodes_are_never_opened_or_changed() {
-        let (fs, dir) = share("open");
-        let dev = dir.0.join("null");
-        assert!(
-            host_mknod(&dev, libc::S_IFCHR | 0o666, libc::makedev(1, 3)),
-            "mknod: {} (this test needs root)",
-            io::Error::last_os_error()
-        );
-        std::fs::write(dir.0.join("plain"), b"x").unwrap();
-        let root = ctx(0);
-        let e = fs.lookup(&root, ROOT_ID, &c("null")).unwrap();
-        assert!(is_device(e.attr.st_mode));
-        for flags in [
-            libc::O_RDONLY,
-            libc::O_RDWR,
-            libc::O_WRONLY | libc::O_NONBLOCK,
-        ] {
-            let err = fs.open(&root, e.inode, flags as u32, 0).unwrap_err();
-            assert_eq!(errno(err), libc::EACCES, "flags {flags:#o}");
-        }
-        // FUSE_CREATE without O_EXCL on the existing name.
-        let args = CreateIn {
-            flags: libc::O_RDWR as u32,
-            mode: libc::S_IFREG | 0o644,
-            umask: 0,
-            fuse_flags: 0,
-        };
-        let err = fs.create(&root, ROOT_ID, &c("null"), args).unwrap_err();
-        assert_eq!(errno(err), libc::EACCES);
-        // chmod/chown/truncate of the node: refused; its times may change.
-        // SAFETY: stat64 is plain old data; all-zero is a valid value.
-        let mut attr: stat64 = unsafe { std::mem::zeroed() };
-        attr.st_mode = libc::S_IFCHR | 0o777;
-        attr.st_uid = 1000;
-        for valid in [SetattrValid::MODE, SetattrValid::UID, SetattrValid::SIZE] {
-            let err = fs.setattr(&root, e.inode, attr, None, valid).unwrap_err();
-            assert_eq!(errno(err), libc::EPERM, "{valid:?}");
-        }
-        fs.setattr(&root, e.inode, attr, None, SetattrValid::MTIME_NOW)
-            .unwrap();
-        let m = std::fs::symlink_metadata(&dev).unwrap();
-        assert_eq!((m.mode() & 0o7777, m.uid()), (0o666, 0));
-
-        // Regular files still open, create and chmod as usual.
-        let p = fs.lookup(&root, ROOT_ID, &c("plain")).unwrap();
-        let (h, _, _) = fs.open(&root, p.inode, libc::O_RDWR as u32, 0).unwrap();
-        fs.release(&root, p.inode, 0, h.unwrap(), false, false, None)
-            .unwrap();
-        let (n, h, _, _) = fs.create(&ctx(1000), ROOT_ID, &c("new"), args).unwrap();
-        fs.release(&root, n.inode, 0, h.unwrap(), false, false, None)
-            .unwrap();
-        assert_eq!(std::fs::metadata(dir.0.join("new")).unwrap().uid(), 1000);
-        attr.st_mode = 0o600;
-        fs.setattr(&root, p.inode, attr, None, SetattrValid::MODE)
-            .unwrap();
-        // Links and renames of the node are no new device: allowed.
-        fs.link(&root, e.inode, ROOT_ID, &c("null2")).unwrap();
-        fs.rename(&root, ROOT_ID, &c("null2"), ROOT_ID, &c("null3"), 0)
-            .unwrap();
-    }
-}
+#[path = "fs_policy_tests.rs"]
+mod tests;

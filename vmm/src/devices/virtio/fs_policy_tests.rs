@@ -1,0 +1,264 @@
+//! Tests of the virtio-fs policy layer ([`super`]) on a real passthrough server over a temp dir
+//! (as root: device nodes, ownership).
+
+use super::*;
+use fuse_backend_rs::api::filesystem::ROOT_ID;
+use fuse_backend_rs::passthrough::{Config, PassthroughFs};
+use std::ffi::CString;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+struct Share(PathBuf);
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn share(name: &str) -> (PolicyFs<PassthroughFs>, Share) {
+    let dir = std::env::temp_dir().join(format!("moat-fs-policy-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Writable for the container users the tests act as (as an emptyDir is).
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o1777)).unwrap();
+    let fs = PassthroughFs::new(Config {
+        root_dir: dir.display().to_string(),
+        do_import: true,
+        xattr: true,
+        ..Default::default()
+    })
+    .unwrap();
+    fs.import().unwrap();
+    (PolicyFs::new(fs), Share(dir))
+}
+
+fn ctx(uid: u32) -> Context {
+    Context {
+        uid,
+        gid: uid,
+        pid: 1,
+    }
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn errno(e: io::Error) -> i32 {
+    e.raw_os_error().unwrap_or_default()
+}
+
+/// A host-side `mknod` (the test runs as root), as an image layer or the host could leave.
+fn host_mknod(path: &Path, mode: u32, dev: libc::dev_t) -> bool {
+    let p = c(path.to_str().unwrap());
+    // SAFETY: `p` is a valid NUL-terminated path.
+    unsafe { libc::mknod(p.as_ptr(), mode, dev) == 0 }
+}
+
+#[test]
+fn mode_classification() {
+    assert!(is_device(libc::S_IFCHR | 0o666) && is_device(libc::S_IFBLK));
+    assert!(!is_device(libc::S_IFIFO) && !is_device(libc::S_IFREG | 0o4755));
+    for ok in [0, libc::S_IFREG, libc::S_IFIFO, libc::S_IFSOCK] {
+        assert!(mknod_allowed(ok | 0o644, 0), "{ok:o}");
+    }
+    assert!(mknod_allowed(libc::S_IFCHR, 0), "whiteout");
+    assert!(!mknod_allowed(libc::S_IFCHR | 0o666, (1 << 8) | 3));
+    assert!(!mknod_allowed(libc::S_IFBLK | 0o660, 0));
+    assert!(!mknod_allowed(libc::S_IFDIR | 0o755, 0));
+    assert!(!mknod_allowed(libc::S_IFLNK | 0o777, 0));
+}
+
+#[test]
+fn mknod_refuses_devices_and_allows_fifos_sockets_files() {
+    let (fs, dir) = share("mknod");
+    let root = ctx(0);
+    let null = c("null");
+    let e = fs
+        .mknod(
+            &root,
+            ROOT_ID,
+            &null,
+            libc::S_IFCHR | 0o666,
+            (1 << 8) | 3,
+            0,
+        )
+        .unwrap_err();
+    assert_eq!(errno(e), libc::EPERM);
+    assert!(std::fs::symlink_metadata(dir.0.join("null")).is_err());
+    let e = fs
+        .mknod(&root, ROOT_ID, &c("sda"), libc::S_IFBLK | 0o660, 8 << 8, 0)
+        .unwrap_err();
+    assert_eq!(errno(e), libc::EPERM);
+    assert!(std::fs::symlink_metadata(dir.0.join("sda")).is_err());
+
+    // A container user makes a FIFO, a socket node and a file: allowed, owned by it.
+    let user = ctx(1000);
+    for (name, mode) in [
+        ("fifo", libc::S_IFIFO | 0o644),
+        ("sock", libc::S_IFSOCK | 0o644),
+        ("file", libc::S_IFREG | 0o644),
+    ] {
+        let e = fs.mknod(&user, ROOT_ID, &c(name), mode, 0, 0o022).unwrap();
+        assert_eq!(e.attr.st_mode & libc::S_IFMT, mode & libc::S_IFMT, "{name}");
+        let m = std::fs::symlink_metadata(dir.0.join(name)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (1000, 1000), "{name}");
+    }
+    assert!(std::fs::symlink_metadata(dir.0.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    // The overlayfs whiteout (0:0) is no device.
+    let w = fs
+        .mknod(&root, ROOT_ID, &c("wh"), libc::S_IFCHR, 0, 0)
+        .unwrap();
+    assert!(std::fs::symlink_metadata(dir.0.join("wh"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
+    assert_eq!(w.attr.st_rdev, 0);
+}
+
+#[test]
+fn privilege_bits_are_setuid_and_setgid_with_group_exec() {
+    assert_eq!(privilege_bits(0o4755), libc::S_ISUID);
+    assert_eq!(privilege_bits(0o6755), libc::S_ISUID | libc::S_ISGID);
+    assert_eq!(
+        privilege_bits(0o2644),
+        0,
+        "setgid without group execute: locking"
+    );
+    assert_eq!(privilege_bits(0o0755), 0);
+}
+
+#[test]
+fn the_guest_cannot_leave_setuid_files_or_file_capabilities_on_the_host() {
+    let (fs, dir) = share("suid");
+    let root = ctx(0);
+    let mode_of = |name: &str| std::fs::metadata(dir.0.join(name)).unwrap().mode() & 0o7777;
+
+    // Created setuid (FUSE_CREATE and FUSE_MKNOD): the bits do not stick.
+    let args = CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: libc::S_IFREG | 0o6755,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (e, h, _, _) = fs.create(&root, ROOT_ID, &c("created"), args).unwrap();
+    if let Some(h) = h {
+        fs.release(&root, e.inode, 0, h, false, false, None)
+            .unwrap();
+    }
+    assert_eq!(mode_of("created"), 0o755);
+    fs.mknod(&root, ROOT_ID, &c("made"), libc::S_IFREG | 0o4755, 0, 0)
+        .unwrap();
+    assert_eq!(mode_of("made"), 0o755);
+
+    // chmod u+s, g+s (FUSE_SETATTR): accepted, stripped; a directory keeps setgid.
+    let (mut st, _) = fs.getattr(&root, e.inode, None).unwrap();
+    st.st_mode = libc::S_IFREG | 0o6755;
+    fs.setattr(&root, e.inode, st, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(mode_of("created"), 0o755);
+    // A lying file type in the guest's mode changes nothing.
+    st.st_mode = libc::S_IFDIR | 0o4755;
+    fs.setattr(&root, e.inode, st, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(mode_of("created"), 0o755);
+    let d = fs.mkdir(&root, ROOT_ID, &c("dir"), 0o755, 0).unwrap();
+    let (mut dst, _) = fs.getattr(&root, d.inode, None).unwrap();
+    dst.st_mode = libc::S_IFDIR | 0o2775;
+    fs.setattr(&root, d.inode, dst, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(mode_of("dir"), 0o2775);
+
+    // A setuid file already on the host loses the bits before the guest writes to it,
+    // keeps them when only read.
+    let host = dir.0.join("host-suid");
+    std::fs::write(&host, b"#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&host, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let e = fs.lookup(&root, ROOT_ID, &c("host-suid")).unwrap();
+    let (h, _, _) = fs.open(&root, e.inode, libc::O_RDONLY as u32, 0).unwrap();
+    if let Some(h) = h {
+        fs.release(&root, e.inode, 0, h, false, false, None)
+            .unwrap();
+    }
+    assert_eq!(mode_of("host-suid"), 0o4755);
+    let (h, _, _) = fs.open(&root, e.inode, libc::O_WRONLY as u32, 0).unwrap();
+    if let Some(h) = h {
+        fs.release(&root, e.inode, 0, h, false, false, None)
+            .unwrap();
+    }
+    assert_eq!(mode_of("host-suid"), 0o755);
+
+    // File capabilities: refused.
+    let err = fs
+        .setxattr(&root, e.inode, &c("security.capability"), &[1, 0, 0, 2], 0)
+        .unwrap_err();
+    assert_eq!(errno(err), libc::EPERM);
+    fs.setxattr(&root, e.inode, &c("user.moat"), b"ok", 0)
+        .unwrap();
+}
+
+#[test]
+fn existing_device_nodes_are_never_opened_or_changed() {
+    let (fs, dir) = share("open");
+    let dev = dir.0.join("null");
+    assert!(
+        host_mknod(&dev, libc::S_IFCHR | 0o666, libc::makedev(1, 3)),
+        "mknod: {} (this test needs root)",
+        io::Error::last_os_error()
+    );
+    std::fs::write(dir.0.join("plain"), b"x").unwrap();
+    let root = ctx(0);
+    let e = fs.lookup(&root, ROOT_ID, &c("null")).unwrap();
+    assert!(is_device(e.attr.st_mode));
+    for flags in [
+        libc::O_RDONLY,
+        libc::O_RDWR,
+        libc::O_WRONLY | libc::O_NONBLOCK,
+    ] {
+        let err = fs.open(&root, e.inode, flags as u32, 0).unwrap_err();
+        assert_eq!(errno(err), libc::EACCES, "flags {flags:#o}");
+    }
+    // FUSE_CREATE without O_EXCL on the existing name.
+    let args = CreateIn {
+        flags: libc::O_RDWR as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let err = fs.create(&root, ROOT_ID, &c("null"), args).unwrap_err();
+    assert_eq!(errno(err), libc::EACCES);
+    // chmod/chown/truncate of the node: refused; its times may change.
+    // SAFETY: stat64 is plain old data; all-zero is a valid value.
+    let mut attr: stat64 = unsafe { std::mem::zeroed() };
+    attr.st_mode = libc::S_IFCHR | 0o777;
+    attr.st_uid = 1000;
+    for valid in [SetattrValid::MODE, SetattrValid::UID, SetattrValid::SIZE] {
+        let err = fs.setattr(&root, e.inode, attr, None, valid).unwrap_err();
+        assert_eq!(errno(err), libc::EPERM, "{valid:?}");
+    }
+    fs.setattr(&root, e.inode, attr, None, SetattrValid::MTIME_NOW)
+        .unwrap();
+    let m = std::fs::symlink_metadata(&dev).unwrap();
+    assert_eq!((m.mode() & 0o7777, m.uid()), (0o666, 0));
+
+    // Regular files still open, create and chmod as usual.
+    let p = fs.lookup(&root, ROOT_ID, &c("plain")).unwrap();
+    let (h, _, _) = fs.open(&root, p.inode, libc::O_RDWR as u32, 0).unwrap();
+    fs.release(&root, p.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    let (n, h, _, _) = fs.create(&ctx(1000), ROOT_ID, &c("new"), args).unwrap();
+    fs.release(&root, n.inode, 0, h.unwrap(), false, false, None)
+        .unwrap();
+    assert_eq!(std::fs::metadata(dir.0.join("new")).unwrap().uid(), 1000);
+    attr.st_mode = 0o600;
+    fs.setattr(&root, p.inode, attr, None, SetattrValid::MODE)
+        .unwrap();
+    // Links and renames of the node are no new device: allowed.
+    fs.link(&root, e.inode, ROOT_ID, &c("null2")).unwrap();
+    fs.rename(&root, ROOT_ID, &c("null2"), ROOT_ID, &c("null3"), 0)
+        .unwrap();
+}
