@@ -27,7 +27,7 @@ fn usable() -> bool {
         .output()
         .is_ok_and(|o| o.status.success());
     if !(root && ip) {
-        eprintln!("skipped: needs root and iproute2");
+        moat_test_support::skip("needs root and iproute2");
     }
     root && ip
 }

@@ -211,7 +211,9 @@ mod tests {
     #[test]
     fn image_layout_is_complete_and_reproducible() {
         if !Path::new(BUSYBOX).is_file() {
-            eprintln!("skipped: {BUSYBOX} missing (apt-get install busybox-static)");
+            moat_test_support::skip(format!(
+                "{BUSYBOX} missing (apt-get install busybox-static)"
+            ));
             return;
         }
         let (a, b) = (scratch("a"), scratch("b"));

@@ -19,7 +19,7 @@ fn usable() -> bool {
             .is_ok_and(|o| o.status.success())
     });
     if !(root && tools) {
-        eprintln!("skipped: needs root, ip and tc");
+        moat_test_support::skip("needs root, ip and tc");
     }
     root && tools
 }
