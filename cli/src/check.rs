@@ -4,7 +4,11 @@
 //! Items: the KVM device and its kind (hardware VMX/SVM, PVM, none) and access to it; moat-vmm;
 //! the guest kernel and initramfs (present, the right format, the kernel built with what moat
 //! needs); containerd, its version, the shim on its PATH and the runtime in its config; cgroup v2
-//! and namespaces.
+//! and namespaces; the host kernel features the shim's pod network needs (tc ingress qdisc, u32
+//! classifier, mirred action, tun/tap: [`moat_shim::network::HOST_FEATURES`]) and overlayfs (the
+//! snapshot mounts of containerd's default snapshotter, which the shim mounts). No vsock module
+//! is needed on the host: moat-vmm's virtio-vsock is a userspace device behind a Unix socket
+//! (hybrid vsock), not `vhost_vsock`.
 //!
 //! Everything is read below a root directory (`/` normally), so the classification is unit-tested
 //! on a fake tree.
@@ -16,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use moat_shim::config::Config;
+use moat_shim::network::{module_state, HostFeature, ModuleState, HOST_FEATURES};
 
 /// How an item turned out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,12 +340,146 @@ fn check_kernel_features(root: &Path) -> Vec<Item> {
     items
 }
 
+/// One line for a host kernel feature provided by `module` (built with `config`): what
+/// [`module_state`] found and, when it is not usable, what to do. `loads_itself` says who loads
+/// a module that is installed but not loaded: the shim (its pod network features) or the kernel
+/// on first use (overlayfs, on the first mount).
+fn feature_item(
+    root: &Path,
+    name: &'static str,
+    feature: &HostFeature,
+    loads_itself: &str,
+) -> Item {
+    let HostFeature {
+        what,
+        module,
+        config,
+    } = feature;
+    match module_state(root, module, config) {
+        ModuleState::Loaded => item(Verdict::Ok, name, format!("{what}: {module} loaded")),
+        ModuleState::BuiltIn => item(
+            Verdict::Ok,
+            name,
+            format!("{what}: built into the kernel ({config}=y)"),
+        ),
+        ModuleState::Loadable => item(
+            Verdict::Ok,
+            name,
+            format!("{what}: module {module} installed, not loaded yet ({loads_itself}; or now: modprobe {module})"),
+        ),
+        ModuleState::NotInstalled { release } => item(
+            Verdict::Fail,
+            name,
+            format!(
+                "{what} unavailable: kernel {release} builds {module} as a module ({config}=m) but \
+                 /lib/modules/{release} does not have it: install the kernel's modules package \
+                 (e.g. linux-modules-extra-{release}), then modprobe {module}"
+            ),
+        ),
+        ModuleState::NotFound { release } => item(
+            Verdict::Fail,
+            name,
+            format!(
+                "{what} unavailable: {module} is neither built into kernel {release} nor \
+                 installed in /lib/modules/{release}: install the kernel's modules package \
+                 (e.g. linux-modules-extra-{release}) or use a kernel with {config}"
+            ),
+        ),
+        ModuleState::NotInKernel { release } => item(
+            Verdict::Fail,
+            name,
+            format!(
+                "{what} unavailable: kernel {release} is built without {config} (no {module}): \
+                 run moat on a kernel that has it"
+            ),
+        ),
+        ModuleState::Unknown if !root.join("proc/modules").exists() => item(
+            Verdict::Warn,
+            name,
+            format!(
+                "{what}: this kernel has no loadable modules (no /proc/modules), so it needs \
+                 {config}=y, which nothing here shows: pods fail without it"
+            ),
+        ),
+        ModuleState::Unknown => item(
+            Verdict::Warn,
+            name,
+            format!(
+                "{what}: {module} is not loaded and no module list or kernel config tells whether \
+                 the kernel has it: modprobe {module} (pods fail without it)"
+            ),
+        ),
+    }
+}
+
+/// overlayfs on the host: containerd's default snapshotter hands the shim overlay mounts.
+const OVERLAY: HostFeature = HostFeature {
+    what: "overlayfs",
+    module: "overlay",
+    config: "CONFIG_OVERLAY_FS",
+};
+
+/// The host kernel features pods need besides KVM: the shim's tap + tc redirect
+/// ([`HOST_FEATURES`]), `/dev/net/tun`, and overlayfs.
+fn check_host_network(root: &Path) -> Vec<Item> {
+    let mut items: Vec<Item> = HOST_FEATURES
+        .iter()
+        .map(|f| {
+            let name = match f.module {
+                "sch_ingress" => "tc ingress",
+                "cls_u32" => "tc u32",
+                "act_mirred" => "tc mirred",
+                "tun" => "tun",
+                _ => "host kernel",
+            };
+            feature_item(
+                root,
+                name,
+                f,
+                "the shim loads it at the first pod with a network",
+            )
+        })
+        .collect();
+    // The tap device node: devtmpfs makes it when tun is built in or loaded (and kmod's static
+    // nodes before); the shim opens it for every tap.
+    if !root.join("dev/net/tun").exists() {
+        if let Some(tun) = items.iter_mut().find(|i| i.name == "tun") {
+            if tun.verdict == Verdict::Ok {
+                tun.verdict = Verdict::Warn;
+                tun.text.push_str(
+                    "; but /dev/net/tun does not exist: modprobe tun (or mknod /dev/net/tun c 10 200)",
+                );
+            }
+        }
+    }
+    let overlay_listed = fs::read_to_string(root.join("proc/filesystems")).is_ok_and(|t| {
+        t.lines()
+            .any(|l| l.split_whitespace().last() == Some("overlay"))
+    });
+    items.push(if overlay_listed {
+        item(
+            Verdict::Ok,
+            "overlay",
+            "overlayfs: registered in /proc/filesystems",
+        )
+    } else {
+        feature_item(
+            root,
+            "overlay",
+            &OVERLAY,
+            "the kernel loads it at the first overlay mount",
+        )
+    });
+    items
+}
+
 /// Runs every check against the tree at `root` with `config`.
 pub fn run(root: &Path, config: &Config) -> Vec<Item> {
     let mut items = check_kvm(root);
     items.extend(check_guest(config));
     items.extend(check_containerd(root));
     items.extend(check_kernel_features(root));
+    items.extend(check_host_network(root));
     items
 }
 
@@ -452,5 +591,138 @@ mod tests {
         )
         .unwrap();
         assert_eq!(check_guest(&config)[1].verdict, Verdict::Ok);
+    }
+
+    fn write(root: &Path, path: &str, text: &str) {
+        let p = root.join(path);
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(p, text).unwrap();
+    }
+
+    #[test]
+    fn host_network_features_ok_when_loaded_or_built_in() {
+        let d = tempfile_dir::Dir::new();
+        write(
+            &d.0,
+            "proc/modules",
+            "sch_ingress 16384 2 - Live 0x0\ncls_u32 28672 2 - Live 0x0\nact_mirred 24576 2 - Live 0x0\n",
+        );
+        write(&d.0, "proc/sys/kernel/osrelease", "6.1.0-57-amd64\n");
+        write(
+            &d.0,
+            "lib/modules/6.1.0-57-amd64/modules.builtin",
+            "kernel/drivers/net/tun.ko\n",
+        );
+        write(&d.0, "dev/net/tun", "");
+        write(&d.0, "proc/filesystems", "nodev\ttmpfs\nnodev\toverlay\n");
+        let items = check_host_network(&d.0);
+        let names: Vec<&str> = items.iter().map(|i| i.name).collect();
+        assert_eq!(
+            names,
+            ["tc ingress", "tc u32", "tc mirred", "tun", "overlay"]
+        );
+        assert!(items.iter().all(|i| i.verdict == Verdict::Ok), "{items:#?}");
+        assert!(
+            items[3].text.contains("built into the kernel"),
+            "{}",
+            items[3]
+        );
+    }
+
+    #[test]
+    fn missing_host_network_features_fail_with_the_module_to_load() {
+        let d = tempfile_dir::Dir::new();
+        write(&d.0, "proc/modules", "");
+        write(&d.0, "proc/sys/kernel/osrelease", "6.1.0-57-amd64\n");
+        write(&d.0, "lib/modules/6.1.0-57-amd64/modules.builtin", "");
+        write(
+            &d.0,
+            "lib/modules/6.1.0-57-amd64/modules.dep",
+            "kernel/net/sched/sch_ingress.ko.xz:\nkernel/drivers/net/tun.ko.xz:\n",
+        );
+        write(
+            &d.0,
+            "boot/config-6.1.0-57-amd64",
+            "CONFIG_NET_SCH_INGRESS=m\nCONFIG_NET_CLS_U32=m\n# CONFIG_NET_ACT_MIRRED is not set\nCONFIG_TUN=m\nCONFIG_OVERLAY_FS=m\n",
+        );
+        let items = check_host_network(&d.0);
+        let by = |name: &str| items.iter().find(|i| i.name == name).unwrap().clone();
+        // Installed, not loaded: the shim loads it; fine.
+        assert_eq!(by("tc ingress").verdict, Verdict::Ok);
+        assert!(
+            by("tc ingress").text.contains("modprobe sch_ingress"),
+            "{}",
+            by("tc ingress")
+        );
+        // =m but not installed, and not built at all: fail, saying what to do.
+        assert_eq!(by("tc u32").verdict, Verdict::Fail);
+        assert!(
+            by("tc u32")
+                .text
+                .contains("linux-modules-extra-6.1.0-57-amd64"),
+            "{}",
+            by("tc u32")
+        );
+        assert_eq!(by("tc mirred").verdict, Verdict::Fail);
+        assert!(
+            by("tc mirred").text.contains("CONFIG_NET_ACT_MIRRED"),
+            "{}",
+            by("tc mirred")
+        );
+        // Loadable but no device node yet.
+        assert_eq!(by("tun").verdict, Verdict::Warn);
+        assert!(by("tun").text.contains("/dev/net/tun"), "{}", by("tun"));
+        // Not registered, =m, not in modules.dep: not installed.
+        assert_eq!(by("overlay").verdict, Verdict::Fail);
+        assert!(
+            by("overlay").text.contains("overlayfs unavailable"),
+            "{}",
+            by("overlay")
+        );
+    }
+
+    #[test]
+    fn host_network_feature_in_no_module_list_fails() {
+        let d = tempfile_dir::Dir::new();
+        write(&d.0, "proc/modules", "");
+        write(&d.0, "proc/sys/kernel/osrelease", "6.8.0-1-generic\n");
+        write(&d.0, "lib/modules/6.8.0-1-generic/modules.builtin", "");
+        write(&d.0, "lib/modules/6.8.0-1-generic/modules.dep", "");
+        let items = check_host_network(&d.0);
+        assert_eq!(items[2].name, "tc mirred");
+        assert_eq!(items[2].verdict, Verdict::Fail, "{}", items[2]);
+        assert!(
+            items[2]
+                .text
+                .contains("linux-modules-extra-6.8.0-1-generic"),
+            "{}",
+            items[2]
+        );
+    }
+
+    #[test]
+    fn unknown_host_network_features_warn() {
+        let d = tempfile_dir::Dir::new();
+        let items = check_host_network(&d.0);
+        assert!(
+            items.iter().all(|i| i.verdict == Verdict::Warn),
+            "{items:#?}"
+        );
+        assert!(
+            items[0].text.contains("no loadable modules"),
+            "{}",
+            items[0]
+        );
+        write(&d.0, "proc/modules", "");
+        let items = check_host_network(&d.0);
+        assert!(
+            items.iter().all(|i| i.verdict == Verdict::Warn),
+            "{items:#?}"
+        );
+        assert!(
+            items[0].text.contains("modprobe sch_ingress"),
+            "{}",
+            items[0]
+        );
     }
 }

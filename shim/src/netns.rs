@@ -75,6 +75,24 @@ pub enum NetworkError {
     /// The worker thread died.
     #[error("pod network {0}: the netns worker thread panicked")]
     Worker(PathBuf),
+    /// The host kernel lacks (or has not loaded) a feature the tap/tc bridge needs.
+    #[error(
+        "pod network {netns}: {what} unavailable in the host kernel: {advice} ({step}: {source})"
+    )]
+    HostFeature {
+        /// The netns.
+        netns: PathBuf,
+        /// The feature, e.g. `tc ingress qdisc`.
+        what: String,
+        /// What to do, e.g. `load sch_ingress (modprobe sch_ingress)`, with what the shim's own
+        /// attempt to load it said.
+        advice: String,
+        /// The step that failed.
+        step: String,
+        /// The kernel's answer to it.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Runs `f` on a fresh thread inside the netns at `path`, with a

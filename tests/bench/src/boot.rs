@@ -4,6 +4,8 @@
 //! printed once its ttrpc server listens on vsock. Also taken from the same boots: the guest
 //! kernel's own clock when it starts `/init` (printk timestamp of `Run /init as init process`),
 //! and moat-vmm's `boot marker` (VMM start → the agent's first instruction as PID 1).
+//! For moat-vmm also the guest RAM touched when the agent is ready (PSS of the VMM's guest
+//! mappings) and, from the boot log, the kernel's `Memory: …K/…K available` line.
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read};
@@ -71,6 +73,50 @@ pub struct Boot {
     pub first_line_ms: Option<f64>,
     /// Launch → the `Run /init` console line, on the host's clock.
     pub init_line_ms: Option<f64>,
+    /// Guest RAM the VMM's process tree has touched (PSS, KiB) when the agent is ready.
+    pub guest_ram_kib: Option<f64>,
+    /// The kernel's `Memory: NK/MK available` figure N (KiB; boots with the boot log only).
+    pub mem_available_kib: Option<f64>,
+}
+
+/// N of the kernel's boot line `Memory: NK/MK available (… kernel code, …)`: what the kernel
+/// leaves to everything else after its image, page tables and reservations.
+pub fn mem_available_kib(console: &[String]) -> Option<f64> {
+    console.iter().find_map(|l| {
+        let rest = l.split("Memory: ").nth(1)?;
+        let (avail, tail) = rest.split_once('/')?;
+        tail.contains("available")
+            .then(|| avail.strip_suffix('K')?.parse().ok())
+            .flatten()
+    })
+}
+
+/// PIDs of `pid` and all its descendants (moat-vmm's jail runs the VMM as a child).
+fn process_tree(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        let children =
+            std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        out.extend(
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok()),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// Guest RAM touched (KiB) by the VMM process tree rooted at `pid`; `None` if nothing is
+/// readable (e.g. the process already exited).
+fn guest_ram_of_tree(pid: u32) -> Option<f64> {
+    let kib: Vec<u64> = process_tree(pid)
+        .into_iter()
+        .filter_map(|p| crate::procmem::guest_ram_pss_kib(p).ok())
+        .collect();
+    (!kib.is_empty()).then(|| kib.iter().sum::<u64>() as f64)
 }
 
 /// The printk timestamp in ms of the first console line containing `needle`
@@ -165,6 +211,8 @@ fn time_boot(what: &'static str, cmd: &mut Command) -> Result<(Boot, String), Bo
             Err(_) => break None,
         }
     };
+    // Before stopping it: what the guest touched by the time its agent serves.
+    let guest_ram_kib = ready_at.and_then(|_| guest_ram_of_tree(child.id()));
     stop(&mut child);
     let stderr = err_thread.join().unwrap_or_default();
     let Some(ready_at) = ready_at else {
@@ -182,6 +230,8 @@ fn time_boot(what: &'static str, cmd: &mut Command) -> Result<(Boot, String), Bo
             marker_ms: marker_ms(&stderr),
             first_line_ms,
             init_line_ms,
+            guest_ram_kib,
+            mem_available_kib: mem_available_kib(&console),
         },
         console.join("\n"),
     ))
@@ -222,34 +272,33 @@ fn moat_vmm_at(vmm: &Path, kernel: &Path, initrd: &Path, dir: &Path, quiet: bool
     cmd
 }
 
-/// A before/after comparison in the same run: `MOAT_BENCH_BASELINE_VMM` (a moat-vmm binary)
-/// and/or `MOAT_BENCH_BASELINE_INITRD` (an initramfs) name the "before"; each repetition then
-/// also boots it with `quiet`, next to the current build's quiet boot.
+/// A before/after comparison in the same run: `MOAT_BENCH_BASELINE_VMM` (a moat-vmm binary),
+/// `MOAT_BENCH_BASELINE_KERNEL` (a `vmlinux`) and/or `MOAT_BENCH_BASELINE_INITRD` (an
+/// initramfs) name the "before" (what is not named is this build's); each repetition then also
+/// boots it with `quiet`, next to the current build's quiet boot, and once with the boot log
+/// (kernel clock at `/init`, the kernel's `Memory:` line), next to the current build's.
 struct Baseline {
     vmm: std::path::PathBuf,
+    kernel: std::path::PathBuf,
     initrd: std::path::PathBuf,
 }
 
 impl Baseline {
-    fn from_env(current_initrd: &Path, images: &Path) -> Result<Option<Self>, BootError> {
-        let vmm = std::env::var_os("MOAT_BENCH_BASELINE_VMM").filter(|v| !v.is_empty());
-        let initrd = std::env::var_os("MOAT_BENCH_BASELINE_INITRD").filter(|v| !v.is_empty());
-        if vmm.is_none() && initrd.is_none() {
+    fn from_env(
+        current_kernel: &Path,
+        current_initrd: &Path,
+        images: &Path,
+    ) -> Result<Option<Self>, BootError> {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let vmm = var("MOAT_BENCH_BASELINE_VMM");
+        let kernel = var("MOAT_BENCH_BASELINE_KERNEL");
+        let initrd = var("MOAT_BENCH_BASELINE_INITRD");
+        if vmm.is_none() && kernel.is_none() && initrd.is_none() {
             return Ok(None);
         }
         let vmm = match vmm {
             Some(v) => v.into(),
             None => moat_e2e::bin("moat-vmm")?,
-        };
-        let initrd = match initrd {
-            Some(src) => {
-                let dst = images.join("baseline-initramfs");
-                std::fs::copy(&src, &dst).map_err(|e| {
-                    BootError::Setup(format!("copy {}: {e}", Path::new(&src).display()))
-                })?;
-                dst
-            }
-            None => current_initrd.to_owned(),
         };
         if !vmm.is_file() {
             return Err(BootError::Setup(format!(
@@ -257,7 +306,21 @@ impl Baseline {
                 vmm.display()
             )));
         }
-        Ok(Some(Baseline { vmm, initrd }))
+        // Private copies, as for the current images.
+        let copy = |src: Option<std::ffi::OsString>, name: &str, current: &Path| match src {
+            Some(src) => {
+                let dst = images.join(name);
+                std::fs::copy(&src, &dst).map(|_| dst).map_err(|e| {
+                    BootError::Setup(format!("copy {}: {e}", Path::new(&src).display()))
+                })
+            }
+            None => Ok(current.to_owned()),
+        };
+        Ok(Some(Baseline {
+            vmm,
+            kernel: copy(kernel, "baseline-vmlinux", current_kernel)?,
+            initrd: copy(initrd, "baseline-initramfs", current_initrd)?,
+        }))
     }
 }
 
@@ -293,8 +356,9 @@ pub fn run(reps: usize, report: &mut Report) -> Result<(), BootError> {
     };
     let kernel = copy(moat_e2e::guest_kernel()?, "vmlinux")?;
     let initrd = copy(moat_e2e::guest_initrd()?, "initramfs.cpio")?;
-    let baseline = Baseline::from_env(&initrd, images.path())?;
+    let baseline = Baseline::from_env(&kernel, &initrd, images.path())?;
     let mut before = Vec::new();
+    let mut before_log = Vec::new();
     let mut moat = Vec::new();
     let mut qemu = Vec::new();
     let mut quiet = Vec::new();
@@ -347,10 +411,17 @@ pub fn run(reps: usize, report: &mut Report) -> Result<(), BootError> {
             let scratch = Scratch::new("bench-boot")?;
             let (b, _) = time_boot(
                 "baseline moat-vmm quiet",
-                &mut moat_vmm_at(&base.vmm, &kernel, &base.initrd, scratch.path(), true),
+                &mut moat_vmm_at(&base.vmm, &base.kernel, &base.initrd, scratch.path(), true),
             )?;
             eprintln!("bench: boot {i}: baseline moat-vmm quiet {b:?}");
             before.push(b);
+            let scratch = Scratch::new("bench-boot")?;
+            let (b, _) = time_boot(
+                "baseline moat-vmm",
+                &mut moat_vmm_at(&base.vmm, &base.kernel, &base.initrd, scratch.path(), false),
+            )?;
+            eprintln!("bench: boot {i}: baseline moat-vmm {b:?}");
+            before_log.push(b);
         }
     }
     let col = |v: &[Boot], f: Field| v.iter().filter_map(f).collect::<Vec<_>>();
@@ -424,22 +495,83 @@ pub fn run(reps: usize, report: &mut Report) -> Result<(), BootError> {
         list(&mq_ready),
         list(&qq_ready)
     );
+    let mq_ram = col(&quiet, |b| b.guest_ram_kib.map(|k| k / 1024.0));
+    let q_ram = col(&qemu_quiet, |b| b.guest_ram_kib.map(|k| k / 1024.0));
+    report.row(
+        "guest RAM touched at agent-ready, with `quiet` (PSS of the VMM's guest mappings)",
+        &show(median(&mq_ram), "MiB"),
+        &show(median(&q_ram), "MiB"),
+        &ratio(median(&mq_ram), median(&q_ram)),
+        "",
+    );
+    let m_avail = col(&moat, |b| b.mem_available_kib);
+    let _ = write!(
+        raw,
+        "; guest RAM KiB moat {} moat quiet {} qemu quiet {}; kernel `Memory:` available KiB {}",
+        list(&col(&moat, |b| b.guest_ram_kib)),
+        list(&col(&quiet, |b| b.guest_ram_kib)),
+        list(&col(&qemu_quiet, |b| b.guest_ram_kib)),
+        list(&m_avail)
+    );
     if let Some(base) = &baseline {
         let b_ready = col(&before, |b| Some(b.ready_ms));
         let bm = median(&b_ready);
+        let what = format!(
+            "this build vs the baseline ({}, {}, {})",
+            base.vmm.display(),
+            base.kernel.display(),
+            base.initrd.display()
+        );
         report.row(
-            &format!(
-                "before/after: launch → agent ready with `quiet`, this build vs the baseline \
-                 ({}, {})",
-                base.vmm.display(),
-                base.initrd.display()
-            ),
+            &format!("before/after: launch → agent ready with `quiet`, {what}"),
             &show(mq, "ms"),
             &show(bm, "ms"),
             &ratio(mq, bm),
             "",
         );
-        let _ = write!(raw, "; quiet ready baseline {}", list(&b_ready));
+        let after_log: [(&str, Field, &str); 3] = [
+            (
+                "kernel clock at `Run /init`, boot log on",
+                |b| b.kernel_to_init_ms,
+                "ms",
+            ),
+            (
+                "launch → agent ready, boot log on",
+                |b| Some(b.ready_ms),
+                "ms",
+            ),
+            (
+                "kernel `Memory:` available",
+                |b| b.mem_available_kib.map(|k| k / 1024.0),
+                "MiB",
+            ),
+        ];
+        for (name, f, unit) in after_log {
+            let (a, b) = (col(&moat, f), col(&before_log, f));
+            let (am, bm) = (median(&a), median(&b));
+            report.row(
+                &format!("before/after: {name}"),
+                &show(am, unit),
+                &show(bm, unit),
+                &ratio(am, bm),
+                "",
+            );
+            let _ = write!(raw, "; {name}: this {} baseline {}", list(&a), list(&b));
+        }
+        let b_ram = col(&before, |b| b.guest_ram_kib.map(|k| k / 1024.0));
+        report.row(
+            "before/after: guest RAM touched at agent-ready with `quiet`",
+            &show(median(&mq_ram), "MiB"),
+            &show(median(&b_ram), "MiB"),
+            &ratio(median(&mq_ram), median(&b_ram)),
+            "",
+        );
+        let _ = write!(
+            raw,
+            "; quiet ready baseline {}; guest RAM KiB quiet baseline {}",
+            list(&b_ready),
+            list(&col(&before, |b| b.guest_ram_kib))
+        );
     }
     report.raw(raw);
     Ok(())
@@ -466,6 +598,16 @@ mod tests {
             Some(812.0)
         );
         assert_eq!(marker_ms("nothing"), None);
+    }
+
+    #[test]
+    fn parses_the_kernels_memory_line() {
+        let console = vec![
+            "[    0.010000] Memory: 224744K/261624K available (10240K kernel code, 2048K rwdata, 36624K reserved)".to_owned(),
+        ];
+        assert_eq!(mem_available_kib(&console), Some(224744.0));
+        assert_eq!(mem_available_kib(&["Memory: lots".to_owned()]), None);
+        assert_eq!(mem_available_kib(&[]), None);
     }
 
     #[test]

@@ -340,6 +340,116 @@ fn built_config_can_power_off_through_acpi() {
     assert!(wrong.is_empty(), "{}: {}", path.display(), wrong.join(", "));
 }
 
+/// What pods run inside their VM (issue 17): iptables-nft and iptables-legacy (IPv4 and IPv6)
+/// with NAT, REDIRECT and TPROXY (Istio), conntrack, the common xt matches; bridges with
+/// br_netfilter, veth, tun/tap, VLANs, macvlan/ipvlan (Docker-in-Docker, CNI plugins in a pod);
+/// FUSE (`/dev/fuse`) and overlayfs. Checked on the built config, independently of which fragment
+/// asks for them, so that trimming a fragment cannot silently take one away; options selected
+/// by others (e.g. `NF_TPROXY_IPV6`, `NF_NAT_MASQUERADE`) are listed too.
+#[test]
+fn built_config_has_what_pods_run() {
+    let path = built_config_path();
+    if !path.exists() {
+        panic!("{}", CheckError::ConfigMissing { path });
+    }
+    let config = parse_config(&read(&path).unwrap_or_else(|e| panic!("{e}")));
+    let yes = Setting::Value("y".to_string());
+    let wanted = [
+        // netfilter core, conntrack, NAT.
+        "CONFIG_NETFILTER",
+        "CONFIG_NETFILTER_ADVANCED",
+        "CONFIG_NF_CONNTRACK",
+        "CONFIG_NF_CONNTRACK_MARK",
+        "CONFIG_NF_CT_NETLINK",
+        "CONFIG_NF_NAT",
+        "CONFIG_NF_NAT_MASQUERADE",
+        "CONFIG_NF_NAT_REDIRECT",
+        "CONFIG_NF_TPROXY_IPV4",
+        "CONFIG_NF_TPROXY_IPV6",
+        "CONFIG_NF_SOCKET_IPV4",
+        "CONFIG_NF_SOCKET_IPV6",
+        // nf_tables (nft, iptables-nft: NFT_COMPAT runs the xt extensions).
+        "CONFIG_NF_TABLES",
+        "CONFIG_NF_TABLES_INET",
+        "CONFIG_NF_TABLES_IPV4",
+        "CONFIG_NF_TABLES_IPV6",
+        "CONFIG_NFT_COMPAT",
+        "CONFIG_NFT_CT",
+        "CONFIG_NFT_NAT",
+        "CONFIG_NFT_MASQ",
+        "CONFIG_NFT_REDIR",
+        "CONFIG_NFT_REJECT",
+        "CONFIG_NFT_TPROXY",
+        "CONFIG_NFT_SOCKET",
+        // x_tables targets and matches.
+        "CONFIG_NETFILTER_XTABLES",
+        "CONFIG_NETFILTER_XT_MARK",
+        "CONFIG_NETFILTER_XT_CONNMARK",
+        "CONFIG_NETFILTER_XT_NAT",
+        "CONFIG_NETFILTER_XT_TARGET_MASQUERADE",
+        "CONFIG_NETFILTER_XT_TARGET_REDIRECT",
+        "CONFIG_NETFILTER_XT_TARGET_TPROXY",
+        "CONFIG_NETFILTER_XT_TARGET_CT",
+        "CONFIG_NETFILTER_XT_MATCH_ADDRTYPE",
+        "CONFIG_NETFILTER_XT_MATCH_COMMENT",
+        "CONFIG_NETFILTER_XT_MATCH_CONNTRACK",
+        "CONFIG_NETFILTER_XT_MATCH_MARK",
+        "CONFIG_NETFILTER_XT_MATCH_MULTIPORT",
+        "CONFIG_NETFILTER_XT_MATCH_OWNER",
+        "CONFIG_NETFILTER_XT_MATCH_SOCKET",
+        "CONFIG_NETFILTER_XT_MATCH_STATISTIC",
+        // iptables-legacy / ip6tables-legacy tables.
+        "CONFIG_IP_NF_IPTABLES",
+        "CONFIG_IP_NF_FILTER",
+        "CONFIG_IP_NF_NAT",
+        "CONFIG_IP_NF_MANGLE",
+        "CONFIG_IP_NF_RAW",
+        "CONFIG_IP_NF_TARGET_MASQUERADE",
+        "CONFIG_IP_NF_TARGET_REJECT",
+        "CONFIG_IP6_NF_IPTABLES",
+        "CONFIG_IP6_NF_FILTER",
+        "CONFIG_IP6_NF_NAT",
+        "CONFIG_IP6_NF_MANGLE",
+        "CONFIG_IP6_NF_RAW",
+        "CONFIG_IP6_NF_TARGET_MASQUERADE",
+        "CONFIG_IP6_NF_TARGET_REJECT",
+        // IPv6 and policy routing (TPROXY's fwmark rule).
+        "CONFIG_IPV6",
+        "CONFIG_IP_MULTIPLE_TABLES",
+        "CONFIG_IPV6_MULTIPLE_TABLES",
+        // Links.
+        "CONFIG_BRIDGE",
+        "CONFIG_BRIDGE_NETFILTER",
+        "CONFIG_VETH",
+        "CONFIG_TUN",
+        "CONFIG_VLAN_8021Q",
+        "CONFIG_MACVLAN",
+        "CONFIG_IPVLAN",
+        "CONFIG_PACKET",
+        // FUSE inside the guest (/dev/fuse) and overlayfs (Docker-in-Docker's storage driver).
+        "CONFIG_FUSE_FS",
+        "CONFIG_OVERLAY_FS",
+    ];
+    let missing: Vec<&str> = wanted
+        .iter()
+        .copied()
+        .filter(|name| config.get(*name) != Some(&yes))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{}: not =y: {}",
+        path.display(),
+        missing.join(", ")
+    );
+    // Still no modules: everything above is built in (no modprobe in the guest).
+    assert_ne!(
+        config.get("CONFIG_MODULES"),
+        Some(&yes),
+        "{}: CONFIG_MODULES must stay off",
+        path.display()
+    );
+}
+
 #[test]
 fn every_fragment_option_group_has_a_reason() {
     let fragments = load_fragments().unwrap_or_else(|e| panic!("{e}"));
