@@ -70,6 +70,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// How long to wait for the guest agent after starting the VMM, seconds.
     pub boot_timeout_secs: u64,
+    /// Run the jailed moat-vmm in its own user namespace (no capability in the host's). Turn
+    /// off only on hosts that cannot create user namespaces (`user.max_user_namespaces=0`, an
+    /// LSM policy): moat-vmm then keeps its file capabilities in the host's namespace.
+    pub vmm_user_namespace: bool,
 }
 
 impl Default for Config {
@@ -85,6 +89,7 @@ impl Default for Config {
             log_level: "info".into(),
             state_dir: PathBuf::from("/run/moat"),
             boot_timeout_secs: 120,
+            vmm_user_namespace: true,
         }
     }
 }

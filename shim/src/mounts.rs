@@ -1,12 +1,461 @@
 //! Mount-table helpers shared by the pod state directory ([`crate::sandbox`]) and the container
-//! files below it ([`crate::rootfs`]): finding what is mounted below a directory and unmounting
-//! it, so the directory can be removed without reaching through a bind mount into host files.
+//! files below it ([`crate::rootfs`]):
+//!
+//! - the pod's shared directory itself: a small `nodev,nosuid` tmpfs of its own ([`make_share`]);
+//! - host-side restriction of everything mounted below the pod's shared directory: binds made
+//!   `nodev,nosuid` (and read-only when the spec says `ro`) *before* they are attached, so every
+//!   propagated copy (the VMM jail's) has the same flags, then checked in `/proc/self/mountinfo`;
+//! - finding what is mounted below a directory and unmounting it, so the directory can be removed
+//!   without reaching through a bind mount into host files.
+//!
+//! Why before attaching: the share is a shared mount whose slave copy lives in moat-vmm's mount
+//! namespace (its jail). Mount propagation copies a mount with the flags it has when it is
+//! attached; a later remount (`MS_REMOUNT|MS_RDONLY`, `mount_setattr`) changes only the shim's
+//! copy, and the VMM — the process that writes on the guest's behalf — would keep a writable,
+//! `dev`, `suid` one. So binds are cloned detached (`open_tree(OPEN_TREE_CLONE)`), restricted
+//! recursively there (`mount_setattr(AT_RECURSIVE)`, propagation private: host mounts appearing
+//! later below the source do not follow), and only then attached (`move_mount`).
 
+use std::ffi::CString;
 use std::fs;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use nix::errno::Errno;
 use nix::mount::{umount2, MntFlags};
 use tracing::warn;
+
+// linux/mount.h; libc has the system call numbers but not these for glibc targets.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+
+/// `struct mount_attr` (version 0, 32 bytes).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// What a mount below the pod's shared directory must be on the host: always `nodev,nosuid`,
+/// and read-only for binds the spec marks `ro`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Restriction {
+    /// Read-only as well.
+    pub read_only: bool,
+}
+
+impl Restriction {
+    /// `nodev,nosuid`.
+    pub const WRITABLE: Self = Self { read_only: false };
+    /// `ro,nodev,nosuid`.
+    pub const READ_ONLY: Self = Self { read_only: true };
+
+    fn attrs(self) -> u64 {
+        let base = MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID;
+        if self.read_only {
+            base | MOUNT_ATTR_RDONLY
+        } else {
+            base
+        }
+    }
+
+    /// The mountinfo per-mount options every mount of the tree must show.
+    fn required(self) -> &'static [&'static str] {
+        if self.read_only {
+            &["ro", "nodev", "nosuid"]
+        } else {
+            &["nodev", "nosuid"]
+        }
+    }
+
+    fn shown(self) -> &'static str {
+        if self.read_only {
+            "ro,nodev,nosuid"
+        } else {
+            "nodev,nosuid"
+        }
+    }
+}
+
+/// Errors restricting or checking a mount below the shared directory.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// A step of the restricted bind failed; nothing was attached.
+    #[error("{step} for the bind of {source_path} on {target}: {errno}")]
+    Bind {
+        /// The system call that failed.
+        step: &'static str,
+        /// The host path being bound.
+        source_path: PathBuf,
+        /// Where it was to be bound (below the shared directory).
+        target: PathBuf,
+        /// The kernel's answer.
+        #[source]
+        errno: Errno,
+    },
+    /// The kernel has no new mount API (`open_tree`, `mount_setattr`, `move_mount`).
+    #[error("bind of {source_path} on {target}: this kernel lacks mount_setattr(2) (Linux 5.12 or later is needed to make binds shared with the guest read-only/nodev/nosuid before they are attached)")]
+    Unsupported {
+        /// The host path being bound.
+        source_path: PathBuf,
+        /// Where it was to be bound.
+        target: PathBuf,
+    },
+    /// A mount is not restricted as required after mounting it (it has been unmounted again).
+    #[error("{mount_point} is mounted without {missing} on the host (options {options}; required {required}); refusing to share it with the guest")]
+    NotRestricted {
+        /// The offending mount point.
+        mount_point: PathBuf,
+        /// The missing option.
+        missing: &'static str,
+        /// Its per-mount options in /proc/self/mountinfo.
+        options: String,
+        /// What was required.
+        required: &'static str,
+    },
+    /// Nothing is mounted where a mount was just made (the entry was replaced meanwhile).
+    #[error("nothing is mounted at {0} after mounting it")]
+    NotMounted(PathBuf),
+    /// A file operation needed for the check failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds host path `src` onto `target` (an open directory or file below the shared directory,
+/// `shown` its path for messages), restricted as `restriction` says before it is attached, and
+/// checks the result in the mount table. `recursive`: submounts of `src` come along (`rbind`),
+/// restricted the same way. On any error nothing stays mounted on `target`.
+pub fn bind_restricted(
+    src: &Path,
+    recursive: bool,
+    target: BorrowedFd<'_>,
+    shown: &Path,
+    restriction: Restriction,
+) -> Result<(), MountError> {
+    bind_with_attrs(
+        src,
+        recursive,
+        target,
+        shown,
+        restriction.attrs(),
+        restriction,
+    )
+}
+
+/// [`bind_restricted`] with the raw `MOUNT_ATTR_*` set to apply (tests pass invalid bits to make
+/// the kernel refuse the step).
+fn bind_with_attrs(
+    src: &Path,
+    recursive: bool,
+    target: BorrowedFd<'_>,
+    shown: &Path,
+    attr_set: u64,
+    restriction: Restriction,
+) -> Result<(), MountError> {
+    let fail = |step: &'static str| {
+        let source_path = src.to_owned();
+        let target = shown.to_owned();
+        move |errno: Errno| {
+            if errno == Errno::ENOSYS {
+                MountError::Unsupported {
+                    source_path,
+                    target,
+                }
+            } else {
+                MountError::Bind {
+                    step,
+                    source_path,
+                    target,
+                    errno,
+                }
+            }
+        }
+    };
+    let c_src = CString::new(src.as_os_str().as_bytes()).map_err(|_| MountError::Bind {
+        step: "open_tree",
+        source_path: src.to_owned(),
+        target: shown.to_owned(),
+        errno: Errno::EINVAL,
+    })?;
+    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as libc::c_uint;
+    }
+    // SAFETY: open_tree reads the NUL-terminated path and returns a new fd or -1; no memory of
+    // ours is written.
+    let fd = unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, c_src.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(fail("open_tree")(Errno::last()));
+    }
+    // SAFETY: `fd` is a fresh descriptor (of a detached mount tree) owned by nobody else. Dropping
+    // it before it is attached frees the whole detached tree.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+
+    let mut setattr_flags = libc::AT_EMPTY_PATH;
+    if recursive {
+        setattr_flags |= libc::AT_RECURSIVE;
+    }
+    let attr = MountAttr {
+        attr_set,
+        attr_clr: 0,
+        // Cut the clone off the source's peer group: host mounts made later below the source
+        // must not arrive in the share (they would not be nodev/nosuid).
+        propagation: libc::MS_PRIVATE,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes of `attr`, which outlives the
+    // call, and the empty NUL-terminated path; it writes no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            setattr_flags as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(fail("mount_setattr")(Errno::last()));
+    }
+    // SAFETY: move_mount reads the two empty NUL-terminated paths and uses two fds we hold; it
+    // writes no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if rc < 0 {
+        return Err(fail("move_mount")(Errno::last()));
+    }
+    // `tree` now names the root of the attached mount: check it (and its submounts) by mount
+    // id, whatever the path is called by now, and unmount it through the same fd on failure.
+    let checked = mount_id(tree.as_fd(), shown).and_then(|id| check_tree(id, restriction));
+    if let Err(e) = checked {
+        detach(&tree, shown);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Lazily unmounts the mount whose root `fd` names.
+fn detach(fd: &OwnedFd, shown: &Path) {
+    let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    if let Err(e) = umount2(path.as_str(), MntFlags::MNT_DETACH) {
+        warn!("unmount {} again: {e}", shown.display());
+    }
+}
+
+/// The id (as in /proc/self/mountinfo) of the mount `fd` is on.
+pub fn mount_id(fd: BorrowedFd<'_>, shown: &Path) -> Result<u64, MountError> {
+    // SAFETY: statx is plain old data; all zeroes is a valid value.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx reads the empty NUL-terminated path and writes one `struct statx` into `stx`,
+    // which lives across the call.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut stx,
+        )
+    };
+    if rc < 0 || stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(MountError::Io {
+            what: "statx (mount id of)",
+            path: shown.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(stx.stx_mnt_id)
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+struct MountLine {
+    id: u64,
+    parent: u64,
+    mount_point: PathBuf,
+    options: String,
+}
+
+fn mount_table() -> Result<Vec<MountLine>, MountError> {
+    let text = fs::read_to_string("/proc/self/mountinfo").map_err(|source| MountError::Io {
+        what: "read",
+        path: PathBuf::from("/proc/self/mountinfo"),
+        source,
+    })?;
+    Ok(parse_mountinfo(&text))
+}
+
+fn parse_mountinfo(text: &str) -> Vec<MountLine> {
+    text.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let id = f.next()?.parse().ok()?;
+            let parent = f.next()?.parse().ok()?;
+            let _dev = f.next()?;
+            let _root = f.next()?;
+            let mount_point = PathBuf::from(unescape_mountinfo(f.next()?));
+            let options = f.next()?.to_owned();
+            Some(MountLine {
+                id,
+                parent,
+                mount_point,
+                options,
+            })
+        })
+        .collect()
+}
+
+/// Checks that the mount `id` and every mount below it in the table are restricted as required.
+pub fn check_tree(id: u64, restriction: Restriction) -> Result<(), MountError> {
+    let table = mount_table()?;
+    let Some(top) = table.iter().find(|m| m.id == id) else {
+        return Err(MountError::NotMounted(PathBuf::from(format!("mount {id}"))));
+    };
+    let mut tree = vec![top];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i].id;
+        tree.extend(
+            table
+                .iter()
+                .filter(|m| m.parent == parent && m.id != parent),
+        );
+        i += 1;
+    }
+    for m in tree {
+        let opts: Vec<&str> = m.options.split(',').collect();
+        if let Some(missing) = restriction.required().iter().find(|o| !opts.contains(o)) {
+            return Err(MountError::NotRestricted {
+                mount_point: m.mount_point.clone(),
+                missing,
+                options: m.options.clone(),
+                required: restriction.shown(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks what is mounted on the entry `name` of the directory `parent` (whose own mount is
+/// below it): there must be a mount, restricted as required with all its submounts. Used after
+/// a mount made by path (containerd's snapshot mounts).
+pub fn check_mounted_at(
+    parent: BorrowedFd<'_>,
+    name: &str,
+    shown: &Path,
+    restriction: Restriction,
+) -> Result<(), MountError> {
+    let c_name = CString::new(name).map_err(|_| MountError::NotMounted(shown.to_owned()))?;
+    // SAFETY: openat reads the NUL-terminated name and returns a new fd or -1.
+    let fd = unsafe {
+        libc::openat(
+            parent.as_raw_fd(),
+            c_name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(MountError::Io {
+            what: "open",
+            path: shown.to_owned(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: `fd` was just returned by openat and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let id = mount_id(fd.as_fd(), shown)?;
+    if id == mount_id(parent, shown)? {
+        return Err(MountError::NotMounted(shown.to_owned()));
+    }
+    check_tree(id, restriction)
+}
+
+/// Options of the tmpfs that is the pod's shared directory: it holds only the directories the
+/// shim mounts on (each container's `rootfs` and `mounts/<n>`), so 1 MiB of data and 4096 inodes
+/// are plenty, and a guest writing into the share itself (not into a volume or a rootfs) gets
+/// `ENOSPC` instead of filling the host's state directory.
+pub const SHARE_TMPFS_OPTIONS: &str = "size=1m,nr_inodes=4096,mode=0755";
+
+/// Makes the pod's shared directory `dir` a mount of its own on the host: a small `nodev,nosuid`
+/// tmpfs ([`SHARE_TMPFS_OPTIONS`]), private first (out of the peer group of the mount it lives
+/// on, so host mounts do not arrive in it), then shared in a peer group of its own — moat-vmm's
+/// jail holds a slave copy of it, and the container files the shim mounts below it later reach
+/// the guest through that propagation. Checked in the mount table; undone (unmounted) on error.
+pub fn make_share(dir: &Path) -> Result<(), MountError> {
+    use nix::mount::{mount, MsFlags};
+    let step = |step: &'static str| {
+        let dir = dir.to_owned();
+        move |errno| MountError::Bind {
+            step,
+            source_path: PathBuf::from("tmpfs"),
+            target: dir,
+            errno,
+        }
+    };
+    mount(
+        Some("moat-share"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        Some(SHARE_TMPFS_OPTIONS),
+    )
+    .map_err(step("mount"))?;
+    let res = (|| {
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .map_err(step("make private"))?;
+        mount(
+            None::<&str>,
+            dir,
+            None::<&str>,
+            MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(step("make shared"))?;
+        let file = fs::File::open(dir).map_err(|source| MountError::Io {
+            what: "open",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let id = mount_id(file.as_fd(), dir)?;
+        check_tree(id, Restriction::WRITABLE)
+    })();
+    if res.is_err() {
+        if let Err(e) = umount2(dir, MntFlags::MNT_DETACH) {
+            warn!("unmount {} again: {e}", dir.display());
+        }
+    }
+    res
+}
 
 /// Mount points at or below `dir`, deepest first.
 fn mounts_below(dir: &Path) -> Option<Vec<PathBuf>> {
@@ -74,12 +523,292 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
 
     #[test]
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
+    }
+
+    #[test]
+    fn mountinfo_lines_are_parsed() {
+        let t = parse_mountinfo(
+            "36 35 98:0 /mnt1 /mnt\\040x rw,noatime master:1 - ext3 /dev/root rw\n\
+             37 36 0:5 / /mnt\\040x/sub ro,nosuid,nodev - tmpfs t rw\n",
+        );
+        assert_eq!(t.len(), 2);
+        assert_eq!((t[0].id, t[0].parent), (36, 35));
+        assert_eq!(t[0].mount_point, Path::new("/mnt x"));
+        assert_eq!(t[1].options, "ro,nosuid,nodev");
+    }
+
+    /// Real mounts need root; the tests below skip (with a message) without it.
+    pub(crate) fn root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            moat_test_support::skip("needs root (real mounts)");
+        }
+        root
+    }
+
+    /// Unmounts everything below a test's directory, also when the test fails.
+    pub(crate) struct Unmount(pub PathBuf);
+
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            unmount_below(&self.0);
+        }
+    }
+
+    /// Mount points at or below `dir` with their per-mount options.
+    pub(crate) fn options_below(dir: &Path) -> Vec<(PathBuf, String)> {
+        lines_below(dir)
+            .into_iter()
+            .map(|m| (m.mount_point, m.options))
+            .collect()
+    }
+
+    fn lines_below(dir: &Path) -> Vec<MountLine> {
+        mount_table()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.mount_point.starts_with(dir))
+            .collect()
+    }
+
+    fn write_err(path: &Path) -> Option<i32> {
+        fs::write(path, b"changed")
+            .err()
+            .and_then(|e| e.raw_os_error())
+    }
+
+    fn open_dir(p: &Path) -> fs::File {
+        fs::File::open(p).unwrap()
+    }
+
+    /// A shared directory as the shim makes it, a source with a file and a submount (a tmpfs
+    /// with a file of its own), and an empty target directory below the share.
+    fn fixture(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
+        let share = tmp.join("share");
+        let src = tmp.join("src");
+        fs::create_dir_all(src.join("sub")).unwrap();
+        fs::write(src.join("file"), b"host").unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &src.join("sub"),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        fs::write(src.join("sub/file"), b"host").unwrap();
+        fs::create_dir_all(&share).unwrap();
+        make_share(&share).unwrap();
+        let target = share.join("c1/mounts/0");
+        fs::create_dir_all(&target).unwrap();
+        (share, src, target)
+    }
+
+    #[test]
+    fn ro_bind_is_read_only_on_the_host_with_its_submounts() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (_share, src, target) = fixture(tmp.path());
+        let t = open_dir(&target);
+        bind_restricted(&src, true, t.as_fd(), &target, Restriction::READ_ONLY).unwrap();
+
+        assert_eq!(write_err(&target.join("file")), Some(libc::EROFS));
+        assert_eq!(write_err(&target.join("sub/file")), Some(libc::EROFS));
+        assert_eq!(write_err(&target.join("new")), Some(libc::EROFS));
+        assert_eq!(fs::read(src.join("file")).unwrap(), b"host");
+        // The host's own paths stay writable: only the share's view is restricted.
+        fs::write(src.join("sub/file"), b"host2").unwrap();
+        let lines = lines_below(&target);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for m in &lines {
+            let o: Vec<&str> = m.options.split(',').collect();
+            for want in ["ro", "nodev", "nosuid"] {
+                assert!(o.contains(&want), "{m:?} lacks {want}");
+            }
+        }
+    }
+
+    /// The VMM serves the share from a slave copy in its own mount namespace. A remount after
+    /// attaching would leave that copy writable; restricting before attaching does not.
+    #[test]
+    fn propagated_copies_are_restricted_too() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (share, src, target) = fixture(tmp.path());
+        // Like the jail: a new mount namespace whose mounts are slaves of ours.
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "slave", "sh", "-c"])
+            .arg(
+                "echo ready; read go; \
+                 grep \" $1\" /proc/self/mountinfo; \
+                 { echo x > \"$1/file\"; } 2>/dev/null && echo WROTE; \
+                 { echo x > \"$1/sub/file\"; } 2>/dev/null && echo WROTE-SUB; \
+                 [ -e \"$2\" ] && echo SAW-LATER-HOST-MOUNT; echo done",
+            )
+            .arg("sh")
+            .arg(&target)
+            .arg(target.join("late/file"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+
+        let t = open_dir(&target);
+        bind_restricted(&src, true, t.as_fd(), &target, Restriction::READ_ONLY).unwrap();
+        // A host mount appearing below the source later does not reach the share.
+        fs::create_dir_all(src.join("late")).unwrap();
+        let late = src.join("late");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &late,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        fs::write(late.join("file"), b"x").unwrap();
+        assert!(!target.join("late/file").exists());
+
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        child.wait().unwrap();
+        assert!(rest.contains("done"), "{rest}");
+        assert!(
+            rest.contains(" ro,nodev,nosuid") || rest.contains(" ro,nosuid,nodev"),
+            "the copy in the other namespace: {rest}"
+        );
+        for bad in ["WROTE", "SAW-LATER-HOST-MOUNT"] {
+            assert!(!rest.contains(bad), "{bad}: {rest}");
+        }
+        assert_eq!(fs::read(src.join("file")).unwrap(), b"host");
+        drop(share);
+    }
+
+    #[test]
+    fn writable_bind_is_nodev_nosuid() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (_share, src, target) = fixture(tmp.path());
+        nix::sys::stat::mknod(
+            &src.join("null"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+        let t = open_dir(&target);
+        bind_restricted(&src, true, t.as_fd(), &target, Restriction::WRITABLE).unwrap();
+        fs::write(target.join("file"), b"guest").unwrap();
+        let err = fs::File::open(target.join("null")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+        for m in lines_below(&target) {
+            assert!(
+                m.options.contains("nodev") && m.options.contains("nosuid"),
+                "{m:?}"
+            );
+            assert!(m.options.starts_with("rw"), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn share_is_its_own_nodev_nosuid_shared_mount() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let share = tmp.path().join("share");
+        fs::create_dir(&share).unwrap();
+        make_share(&share).unwrap();
+        let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(&*share.to_string_lossy()))
+            .expect("the share is a mount");
+        assert!(line.contains("nosuid") && line.contains("nodev"), "{line}");
+        assert!(line.contains(" shared:"), "{line}");
+        assert!(
+            line.contains(" - tmpfs moat-share ") && line.contains("size=1024k"),
+            "{line}"
+        );
+        // Bounded: a guest writing into the share itself runs out of space at 1 MiB.
+        let err = fs::write(share.join("fill"), vec![0u8; 2 << 20]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(unmount_below(tmp.path()));
+        assert!(lines_below(tmp.path()).is_empty());
+    }
+
+    /// A restriction the kernel refuses: the error names the bind, nothing is attached.
+    #[test]
+    fn failed_restriction_is_a_clear_error_and_leaves_nothing() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (_share, src, target) = fixture(tmp.path());
+        let before = lines_below(&target).len();
+        let t = open_dir(&target);
+        // An attribute bit the kernel does not know: mount_setattr fails with EINVAL.
+        let err = bind_with_attrs(
+            &src,
+            true,
+            t.as_fd(),
+            &target,
+            Restriction::READ_ONLY.attrs() | 1 << 30,
+            Restriction::READ_ONLY,
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("mount_setattr")
+                && msg.contains(&*src.to_string_lossy())
+                && msg.contains(&*target.to_string_lossy()),
+            "{msg}"
+        );
+        assert_eq!(lines_below(&target).len(), before);
+        assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+
+        // A mount found unrestricted afterwards is refused with its name and the missing flag.
+        let plain = tmp.path().join("plain");
+        fs::create_dir(&plain).unwrap();
+        nix::mount::mount(
+            Some(&src),
+            &plain,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let id = mount_id(open_dir(&plain).as_fd(), &plain).unwrap();
+        let err = check_tree(id, Restriction::READ_ONLY).unwrap_err();
+        assert!(
+            matches!(&err, MountError::NotRestricted { mount_point, missing: "ro", .. } if mount_point == &plain),
+            "{err}"
+        );
     }
 }

@@ -7,20 +7,25 @@
 //! `<id>/mounts/<n>` (bind-mount sources). How the agent names those paths (in a VM:
 //! [`moat_protocol::guest_shared_path`], `/run/moat/virtiofs/moatfs/<id>/…`) is the caller's
 //! to say.
+//!
+//! The guest and its kernel are hostile, so what the spec asks for is enforced here, on the host
+//! side of the share, not only by the agent: every mount below the shared directory is
+//! `nodev,nosuid` on the host, and a bind the spec marks `ro` is read-only on the host (with all
+//! its submounts) — restricted before it is attached and checked after ([`crate::mounts`]). A
+//! container whose mount cannot be restricted is not created.
 
 use std::fs;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use containerd_shim_protos::api::Mount;
 use nix::fcntl::{openat, OFlag};
-use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{mkdirat, Mode};
 use serde_json::Value;
 use tracing::warn;
 
-use crate::mounts::unmount_below;
+use crate::mounts::{bind_restricted, check_mounted_at, unmount_below, MountError, Restriction};
 
 /// Errors preparing a container's files.
 #[derive(Debug, thiserror::Error)]
@@ -39,17 +44,10 @@ pub enum RootfsError {
         #[source]
         source: std::io::Error,
     },
-    /// A bind mount failed.
-    #[error("mount {source_path} on {target}: {errno}")]
-    Mount {
-        /// The bound path.
-        source_path: String,
-        /// Where it was to be bound.
-        target: PathBuf,
-        /// The kernel's answer.
-        #[source]
-        errno: nix::Error,
-    },
+    /// A bind mount failed, or a mount could not be restricted (`ro`, `nodev`, `nosuid`) on
+    /// the host; the message names the mount.
+    #[error(transparent)]
+    Restrict(#[from] MountError),
     /// One of containerd's snapshot mounts failed.
     #[error("mount of the container rootfs failed: {fstype} on {target}: {source}")]
     Rootfs {
@@ -160,8 +158,9 @@ impl Pinned {
 }
 
 /// Mounts the container's rootfs at `<shared>/<id>/rootfs`: containerd's snapshot mounts when
-/// given, otherwise a bind of the bundle's `rootfs/`. Returns the path relative to the shared
-/// directory. `<shared>/<id>` must not exist yet (the guest may have planted it).
+/// given, otherwise a bind of the bundle's `rootfs/`, each `nodev,nosuid` on the host (binds
+/// marked `ro` read-only too). Returns the path relative to the shared directory.
+/// `<shared>/<id>` must not exist yet (the guest may have planted it).
 pub fn mount_rootfs(
     shared: &Path,
     id: &str,
@@ -169,16 +168,37 @@ pub fn mount_rootfs(
     mounts: &[Mount],
 ) -> Result<String, RootfsError> {
     check_id(id)?;
-    let rootfs = Pinned::open_dir(shared)?.new_dir(id)?.new_dir("rootfs")?;
-    let target = rootfs.path();
+    let dir = Pinned::open_dir(shared)?.new_dir(id)?;
+    let rootfs = dir.new_dir("rootfs")?;
     if mounts.is_empty() {
         let src = bundle.join("rootfs");
-        bind(&src, &target)?;
+        bind_restricted(
+            &src,
+            true,
+            rootfs.fd.as_fd(),
+            &rootfs.shown,
+            Restriction::WRITABLE,
+        )?;
     } else {
         for m in mounts {
+            if is_bind(&m.type_, &m.options) {
+                // The native snapshotter's `bind` (rw) and `bind,ro` views.
+                bind_restricted(
+                    Path::new(&m.source),
+                    true,
+                    rootfs.fd.as_fd(),
+                    &rootfs.shown,
+                    restriction_of(&m.options),
+                )?;
+                continue;
+            }
+            // A new mount (overlay, …) gets its flags at creation, before it is attached: every
+            // propagated copy has them too.
+            let mut options = m.options.clone();
+            options.extend(["nodev".to_owned(), "nosuid".to_owned()]);
             let fstype = (!m.type_.is_empty()).then_some(m.type_.as_str());
             let source = (!m.source.is_empty()).then_some(m.source.as_str());
-            containerd_shim::mount::mount_rootfs(fstype, source, &m.options, &target).map_err(
+            containerd_shim::mount::mount_rootfs(fstype, source, &options, rootfs.path()).map_err(
                 |source| RootfsError::Rootfs {
                     fstype: m.type_.clone(),
                     target: rootfs.shown.clone(),
@@ -187,22 +207,30 @@ pub fn mount_rootfs(
             )?;
         }
     }
+    check_mounted_at(
+        dir.fd.as_fd(),
+        "rootfs",
+        &rootfs.shown,
+        Restriction::WRITABLE,
+    )?;
     Ok(format!("{id}/rootfs"))
 }
 
-fn bind(src: &Path, target: &Path) -> Result<(), RootfsError> {
-    mount(
-        Some(src),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|errno| RootfsError::Mount {
-        source_path: src.display().to_string(),
-        target: target.to_owned(),
-        errno,
-    })
+/// Whether a mount (OCI or containerd) is a bind: type `bind` or a `bind`/`rbind` option.
+fn is_bind<S: AsRef<str>>(fstype: &str, options: &[S]) -> bool {
+    fstype == "bind"
+        || options
+            .iter()
+            .any(|o| matches!(o.as_ref(), "bind" | "rbind"))
+}
+
+/// `ro` (or runc's recursive `rro`) among the options: read-only on the host.
+fn restriction_of<S: AsRef<str>>(options: &[S]) -> Restriction {
+    if options.iter().any(|o| matches!(o.as_ref(), "ro" | "rro")) {
+        Restriction::READ_ONLY
+    } else {
+        Restriction::WRITABLE
+    }
 }
 
 /// Reads the bundle's `config.json` and rewrites it for the guest:
@@ -240,10 +268,16 @@ pub fn guest_spec(
         // Created on first use, by fd (see [`Pinned`]).
         let mut mounts_dir: Option<Pinned> = None;
         for (n, m) in mounts.iter_mut().enumerate() {
-            let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
-                || m.get("options")
-                    .and_then(Value::as_array)
-                    .is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"));
+            let options: Vec<&str> = m
+                .get("options")
+                .and_then(Value::as_array)
+                .map(|o| o.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let is_bind = is_bind(
+                m.get("type").and_then(Value::as_str).unwrap_or(""),
+                &options,
+            );
+            let restriction = restriction_of(&options);
             let Some(src) = m.get("source").and_then(Value::as_str).map(PathBuf::from) else {
                 continue;
             };
@@ -265,7 +299,7 @@ pub fn guest_spec(
                 dir.new_file(&name)?
             };
             mounts_dir = Some(dir);
-            bind(&src, &target.path())?;
+            bind_restricted(&src, true, target.fd.as_fd(), &target.shown, restriction)?;
             m["source"] = Value::String(agent_path(&rel));
         }
     }
@@ -372,6 +406,211 @@ mod tests {
         // Removing the planted entries removes the links, not what they point at.
         remove_container_files(&shared, "c1");
         assert!(!shared.join("c1").exists() && outside.is_dir());
+    }
+
+    use crate::mounts::tests::{options_below, root, Unmount};
+    use nix::sys::stat::{makedev, mknod, Mode as StatMode, SFlag};
+
+    /// A pod shared directory as the shim makes it, and a bundle.
+    fn pod(tmp: &Path) -> (PathBuf, PathBuf) {
+        let shared = tmp.join("shared");
+        let bundle = tmp.join("bundle");
+        fs::create_dir_all(&shared).unwrap();
+        fs::create_dir_all(&bundle).unwrap();
+        crate::mounts::make_share(&shared).unwrap();
+        (shared, bundle)
+    }
+
+    fn assert_restricted(dir: &Path, ro: bool) {
+        let lines = options_below(dir);
+        assert!(!lines.is_empty(), "nothing mounted at {}", dir.display());
+        for (point, options) in lines {
+            let o: Vec<&str> = options.split(',').collect();
+            assert!(
+                o.contains(&"nodev") && o.contains(&"nosuid"),
+                "{point:?}: {options}"
+            );
+            assert_eq!(o.contains(&"ro"), ro, "{point:?}: {options}");
+        }
+    }
+
+    fn null_device(at: &Path) {
+        mknod(
+            at,
+            SFlag::S_IFCHR,
+            StatMode::from_bits_truncate(0o666),
+            makedev(1, 3),
+        )
+        .unwrap();
+    }
+
+    fn open_errno(p: &Path) -> Option<i32> {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .err()
+            .and_then(|e| e.raw_os_error())
+    }
+
+    /// The bundle's rootfs and containerd's overlay snapshot: both `nodev,nosuid` on the host, so
+    /// a device node in them (put there by an image or by the guest) cannot be opened on the
+    /// host side of the share.
+    #[test]
+    fn rootfs_mounts_are_nodev_nosuid() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (shared, bundle) = pod(tmp.path());
+        fs::create_dir_all(bundle.join("rootfs")).unwrap();
+        null_device(&bundle.join("rootfs/null"));
+        assert_eq!(
+            mount_rootfs(&shared, "c1", &bundle, &[]).unwrap(),
+            "c1/rootfs"
+        );
+        assert_restricted(&shared.join("c1/rootfs"), false);
+        assert_eq!(
+            open_errno(&shared.join("c1/rootfs/null")),
+            Some(libc::EACCES)
+        );
+        fs::write(shared.join("c1/rootfs/new"), b"rw").unwrap();
+
+        for d in ["lower", "upper", "work"] {
+            fs::create_dir_all(tmp.path().join(d)).unwrap();
+        }
+        null_device(&tmp.path().join("lower/null"));
+        let overlay = Mount {
+            type_: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                format!("lowerdir={}", tmp.path().join("lower").display()),
+                format!("upperdir={}", tmp.path().join("upper").display()),
+                format!("workdir={}", tmp.path().join("work").display()),
+            ],
+            ..Default::default()
+        };
+        mount_rootfs(&shared, "c2", &bundle, &[overlay]).unwrap();
+        assert_restricted(&shared.join("c2/rootfs"), false);
+        assert_eq!(
+            open_errno(&shared.join("c2/rootfs/null")),
+            Some(libc::EACCES)
+        );
+
+        // containerd's native snapshotter hands out binds; a `ro` view is read-only.
+        fs::create_dir_all(tmp.path().join("snap")).unwrap();
+        let view = Mount {
+            type_: "bind".into(),
+            source: tmp.path().join("snap").to_string_lossy().into_owned(),
+            options: vec!["rbind".into(), "ro".into()],
+            ..Default::default()
+        };
+        mount_rootfs(&shared, "c3", &bundle, &[view]).unwrap();
+        assert_restricted(&shared.join("c3/rootfs"), true);
+
+        remove_container_files(&shared, "c1");
+        remove_container_files(&shared, "c2");
+        remove_container_files(&shared, "c3");
+        assert_eq!(
+            options_below(&shared).len(),
+            1,
+            "only the share itself is left"
+        );
+    }
+
+    /// `ro` binds (Secrets, ConfigMaps, /etc/hosts, resolv.conf: directories and files) are
+    /// read-only on the host side of the share; the others are writable but `nodev,nosuid`.
+    #[test]
+    fn spec_binds_are_restricted_on_the_host() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (shared, bundle) = pod(tmp.path());
+        let secret = tmp.path().join("secret");
+        let data = tmp.path().join("data");
+        let hosts = tmp.path().join("hosts");
+        fs::create_dir_all(&secret).unwrap();
+        fs::create_dir_all(&data).unwrap();
+        fs::write(secret.join("key"), b"s3cret").unwrap();
+        fs::write(&hosts, b"127.0.0.1 localhost\n").unwrap();
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/secret", "type": "bind", "source": secret, "options": ["rbind", "ro"]},
+            {"destination": "/etc/hosts", "type": "bind", "source": hosts, "options": ["rbind", "rro"]},
+            {"destination": "/data", "type": "bind", "source": data, "options": ["rbind", "rw"]}
+        ]});
+        fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        fs::create_dir_all(shared.join("c1")).unwrap();
+        guest_spec(&shared, "c1", &bundle, &guest_shared_path).unwrap();
+
+        let m = shared.join("c1/mounts");
+        assert_restricted(&m.join("1"), true);
+        assert_restricted(&m.join("2"), true);
+        assert_restricted(&m.join("3"), false);
+        let erofs = |p: &Path| fs::write(p, b"x").unwrap_err().raw_os_error();
+        assert_eq!(erofs(&m.join("1/key")), Some(libc::EROFS));
+        assert_eq!(erofs(&m.join("1/new")), Some(libc::EROFS));
+        assert_eq!(erofs(&m.join("2")), Some(libc::EROFS));
+        assert_eq!(fs::read(secret.join("key")).unwrap(), b"s3cret");
+        fs::write(m.join("3/written"), b"ok").unwrap();
+        assert_eq!(fs::read(data.join("written")).unwrap(), b"ok");
+    }
+
+    /// A ro volume that cannot be bound restricted: the create fails naming the mount, and
+    /// nothing of it stays mounted.
+    #[test]
+    fn unrestrictable_bind_fails_the_create_and_leaves_nothing() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (shared, bundle) = pod(tmp.path());
+        let ok = tmp.path().join("ok");
+        let unbindable = tmp.path().join("unbindable");
+        fs::create_dir_all(&ok).unwrap();
+        fs::create_dir_all(&unbindable).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &unbindable,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap();
+        nix::mount::mount(
+            None::<&str>,
+            &unbindable,
+            None::<&str>,
+            nix::mount::MsFlags::MS_UNBINDABLE,
+            None::<&str>,
+        )
+        .unwrap();
+        let spec = serde_json::json!({"mounts": [
+            {"destination": "/ok", "type": "bind", "source": ok, "options": ["rbind", "ro"]},
+            {"destination": "/secret", "type": "bind", "source": unbindable, "options": ["rbind", "ro"]}
+        ]});
+        fs::write(bundle.join("config.json"), spec.to_string()).unwrap();
+        fs::create_dir_all(shared.join("c1")).unwrap();
+        let err = guest_spec(&shared, "c1", &bundle, &guest_shared_path).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, RootfsError::Restrict(_)), "{msg}");
+        assert!(
+            msg.contains(&*unbindable.to_string_lossy()) && msg.contains("c1/mounts/1"),
+            "{msg}"
+        );
+        assert!(options_below(&shared.join("c1/mounts/1")).is_empty());
+        // What the create had mounted before goes with the container's files (as task.rs does).
+        remove_container_files(&shared, "c1");
+        assert_eq!(
+            options_below(&shared).len(),
+            1,
+            "only the share itself is left"
+        );
+        assert!(!shared.join("c1").exists());
     }
 
     #[test]

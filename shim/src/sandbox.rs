@@ -11,7 +11,7 @@
 //! | `vsock.sock` | moat-vmm's hybrid vsock socket (`CONNECT 1024` reaches the agent) |
 //! | `api.sock` | moat-vmm's control socket |
 //! | `network.json` | what [`crate::network`] created in the pod's netns (undone by [`cleanup_state`]) |
-//! | `shared/` | shared into the guest as virtio-fs tag [`moat_protocol::SHARED_FS_TAG`]; holds each container's rootfs at `<container-id>/rootfs` |
+//! | `shared/` | shared into the guest as virtio-fs tag [`moat_protocol::SHARED_FS_TAG`]; holds each container's rootfs at `<container-id>/rootfs`; a small `nodev,nosuid` tmpfs (1 MiB), private towards the host, shared towards moat-vmm's jail ([`crate::mounts::make_share`]) |
 
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::mounts::unmount_below;
+use crate::mounts::{make_share, unmount_below};
 use crate::network;
 
 /// How long a well-behaved guest gets to power off before moat-vmm is killed.
@@ -104,6 +104,15 @@ pub enum SandboxError {
         /// The error.
         #[source]
         source: Box<crate::network::NetworkError>,
+    },
+    /// The shared directory could not be made a `nodev,nosuid` mount of its own.
+    #[error("sandbox {id}: shared directory: {source}")]
+    Share {
+        /// The pod.
+        id: String,
+        /// The error.
+        #[source]
+        source: crate::mounts::MountError,
     },
     /// The guest's agent speaks another protocol version than this shim.
     #[error("sandbox {id}: {source}")]
@@ -183,6 +192,12 @@ impl Sandbox {
         }
         let shared = dir.join("shared");
         std::fs::create_dir_all(&shared).map_err(io(&format!("create {}", shared.display())))?;
+        // A small tmpfs of its own: nodev,nosuid, out of the host's propagation, shared with the
+        // VMM's jail only (see mounts::make_share). cleanup_state unmounts it.
+        if let Err(source) = make_share(&shared) {
+            cleanup_state(&dir);
+            return Err(SandboxError::Share { id, source });
+        }
         // Recorded in the state directory: cleanup_state undoes it.
         let net = match &spec.netns {
             Some(netns) => network::setup(netns, &dir).await.map_err(|source| {
@@ -234,6 +249,7 @@ impl Sandbox {
             .arg("--api-sock")
             .arg(dir.join("api.sock"))
             .args(net.vmm_args())
+            .args((!config.vmm_user_namespace).then_some("--no-userns"))
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);

@@ -26,7 +26,8 @@ const SETTLE_SECS: u64 = 60;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn serial() -> MutexGuard<'static, ()> {
+/// Serializes trials that count processes and mounts (also taken by `escape`).
+pub(crate) fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -1,0 +1,964 @@
+//! The escape matrix: attacks from a privileged container inside a pod VM (all capabilities, may
+//! mount: the guest kernel is effectively the attacker's), each checked on the HOST side.
+//!
+//! One campaign runs everything, lazily, once per run (each pod VM boot costs tens of seconds in
+//! the software-KVM host): pod `esc-attack` (privileged; a read-only volume, a writable volume, a
+//! writable volume on a 1 MiB host tmpfs, a read-only tools volume with a static probe) runs one
+//! shell script that prints one `ESC <row> ...` line per attempt; the host then inspects its
+//! files and mounts; then a second pod `esc-bystander` starts and the attacker floods its VMM
+//! with virtio-fs and vsock requests while the host samples both VMMs. The rows are separate
+//! trials that each assert their part of the recorded results, so a failure names its row.
+//!
+//! Layers (docs/security.md, "Escape matrix"): the shim's host mounts (`ro`, `nodev`,
+//! `nosuid`, the share a bounded tmpfs), the VMM's virtio-fs policy (no device nodes), the VMM
+//! jail (its own binds, rlimits), the kernel's mount boundaries (`EXDEV`).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use moat_e2e::containerd::{check, Containerd, IMAGE, RUNTIME};
+use moat_e2e::{ensure, trial, Check, Context, Failed, Scratch, Trial};
+
+use crate::faults::ensure_nothing_left;
+
+const ATTACKER: &str = "esc-attack";
+const BYSTANDER: &str = "esc-bystander";
+/// Files the flood creates and holds open (each costs the VMM at least one fd).
+const FLOOD_FILES: usize = 3000;
+/// vsock connections the flood opens towards the host.
+const FLOOD_VSOCK: usize = 2000;
+/// Bound of one step that waits on the guest (the software-KVM host is slow).
+const STEP_SECS: u64 = 300;
+
+pub fn trials() -> Vec<Trial> {
+    vec![
+        trial("escape::a_read_only_volume_stays_read_only", row_a),
+        trial("escape::b_device_nodes_do_not_reach_host_devices", row_b),
+        trial(
+            "escape::c_setuid_from_the_guest_gives_no_host_privilege",
+            row_c,
+        ),
+        trial("escape::d_symlinks_and_dotdot_stay_in_the_share", row_d),
+        trial("escape::e_no_hard_link_to_files_outside", row_e),
+        trial("escape::f_forged_file_handles_open_nothing_outside", row_f),
+        trial(
+            "escape::g_filling_is_bounded_by_the_volume_and_the_share",
+            row_g,
+        ),
+        trial("escape::h_flood_keeps_the_vmm_in_its_limits", row_h),
+        trial("escape::campaign_leaves_nothing", row_cleanup),
+    ]
+}
+
+/// What the campaign recorded, for the row trials.
+#[derive(Debug, Default)]
+struct Record {
+    /// `ESC <key> <rest>` lines of the guest, by key (a key may repeat: all values kept).
+    guest: BTreeMap<String, Vec<String>>,
+    /// Everything the guest printed, for messages.
+    guest_text: String,
+    /// Host-side observations by name.
+    host: BTreeMap<&'static str, String>,
+    /// Per-row failures found while running the campaign (a step that could not be done).
+    errors: BTreeMap<char, String>,
+    /// The cleanup check after both pods were removed.
+    cleanup: Option<String>,
+}
+
+impl Record {
+    fn guest(&self, key: &str) -> Result<String, Failed> {
+        self.guest.get(key).map(|v| v.join(" | ")).ok_or_else(|| {
+            format!(
+                "the guest printed no `ESC {key}` line; it printed:\n{}",
+                self.guest_text
+            )
+            .into()
+        })
+    }
+
+    fn host(&self, key: &str) -> Result<&str, Failed> {
+        self.host
+            .get(key)
+            .map(String::as_str)
+            .ok_or_else(|| format!("no host observation `{key}`; recorded: {:?}", self.host).into())
+    }
+
+    fn row_ok(&self, row: char) -> Check {
+        match self.errors.get(&row) {
+            Some(e) => Err(e.clone().into()),
+            None => Ok(()),
+        }
+    }
+}
+
+static RECORD: OnceLock<Result<Record, String>> = OnceLock::new();
+
+fn record() -> Result<&'static Record, Failed> {
+    RECORD
+        .get_or_init(|| {
+            let _g = crate::faults::serial();
+            campaign().map_err(|e| e.message().unwrap_or("escape campaign failed").to_owned())
+        })
+        .as_ref()
+        .map_err(|e| Failed::from(format!("the escape campaign failed: {e}")))
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).replace('\r', "")
+}
+
+/// The host side of one pod's files.
+struct Layout {
+    _scratch: Scratch,
+    ro: PathBuf,
+    rw: PathBuf,
+    small: PathBuf,
+    tools: PathBuf,
+    outside: PathBuf,
+    secret: PathBuf,
+    nonce: String,
+}
+
+impl Layout {
+    fn new() -> Result<Self, Failed> {
+        let scratch = Scratch::new("escape")?;
+        let p = |n: &str| scratch.path().join(n);
+        let (ro, rw, small, tools, outside) =
+            (p("ro"), p("rw"), p("small"), p("tools"), p("outside"));
+        for d in [&ro, &rw, &small, &tools, &outside] {
+            std::fs::create_dir_all(d).context(format!("mkdir {}", d.display()))?;
+        }
+        // World-traversable, so an unprivileged host user can reach the share's files (row c).
+        for d in [scratch.path(), &rw] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).context("chmod")?;
+        }
+        let nonce = format!(
+            "SECRET-{}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        );
+        let secret = outside.join("secret");
+        std::fs::write(&secret, format!("{nonce}\n")).context("write secret")?;
+        std::fs::write(ro.join("f"), "host\n").context("write ro/f")?;
+        std::fs::write(rw.join("marker"), "rw\n").context("write rw/marker")?;
+        // A probe binary an unprivileged user may run; the guest makes it setuid (row c).
+        std::fs::copy("/usr/bin/id", rw.join("idcopy")).context("copy /usr/bin/id")?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m,mode=0755", "esc-small"])
+            .arg(&small)
+            .output()
+            .context("mount tmpfs")?;
+        check(&out, "mount the 1 MiB tmpfs volume")?;
+        let out = Command::new("gcc")
+            .args(["-static", "-O1", "-o"])
+            .arg(tools.join("probe"))
+            .arg(moat_e2e::workspace_root().join("tests/e2e/src/escape_probe.c"))
+            .output()
+            .context("run gcc (apt-get install gcc libc6-dev)")?;
+        check(&out, "gcc -static escape_probe.c")?;
+        std::fs::write(tools.join("attack.sh"), ATTACK_SCRIPT).context("write attack.sh")?;
+        Ok(Self {
+            _scratch: scratch,
+            ro,
+            rw,
+            small,
+            tools,
+            outside,
+            secret,
+            nonce,
+        })
+    }
+}
+
+impl Drop for Layout {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.small).status();
+    }
+}
+
+/// The guest side of rows a-g: `sh /tools/attack.sh ID SECRET_PATH OUTSIDE_DIR`. `try` runs a
+/// command and prints its status and output on one line.
+const ATTACK_SCRIPT: &str = r#"
+id=$1; secret=$2; outside=$3
+try() { out=$("$@" 2>&1); rc=$?; echo "rc=$rc $out" | tr '\n' ' '; }
+say() { k=$1; shift; echo "ESC $k $*"; }
+rel_of() { awk -v d="$1" '$5==d {print $4}' /proc/self/mountinfo | tail -1; }
+
+# (a) a read-only volume, before and after remounting it rw in the guest, and through a fresh
+# mount of the whole share (same virtio-fs superblock).
+say a-write-ro "$(try sh -c 'echo guest > /ro/f')"
+say a-remount-rw "$(try mount -o remount,rw,bind /ro)"
+say a-write-after-remount "$(try sh -c 'echo guest > /ro/f')"
+say a-create-after-remount "$(try sh -c 'echo guest > /ro/new')"
+say a-chmod-after-remount "$(try chmod 777 /ro/f)"
+mkdir -p /mnt/share
+say share-mount "$(try mount -t virtiofs moatfs /mnt/share)"
+ro=/mnt/share$(rel_of /ro); rw=/mnt/share$(rel_of /rw)
+say share-paths "ro=$ro rw=$rw"
+say a-write-via-share "$(try sh -c "echo guest > $ro/f")"
+say a-unlink-via-share "$(try rm -f $ro/f)"
+
+# (b) device nodes in a writable volume.
+say b-mknod-char-mem "$(try mknod /rw/mem c 1 1)"
+say b-mknod-char-null "$(try mknod /rw/null c 1 3)"
+say b-mknod-block "$(try mknod /rw/blk b 7 0)"
+say b-mknod-fifo "$(try mknod /rw/fifo p)"
+say b-mknod-via-share "$(try mknod $rw/mem2 c 1 1)"
+
+# (c) setuid binaries placed by the guest.
+say c-chmod-suid-hostfile "$(try chmod 4755 /rw/idcopy)"
+say c-copy-busybox "$(try cp /bin/busybox /rw/bb)"
+say c-chmod-suid-guestfile "$(try chmod 4755 /rw/bb)"
+say c-modes "$(ls -ln /rw/idcopy /rw/bb | tr -s ' ' | tr '\n' ';')"
+
+# (d) symlinks and .. pointing out of the volume and the share.
+say d-link-abs "$(try ln -s $secret /rw/abs)"
+say d-link-rel "$(try ln -s ../outside/secret /rw/rel)"
+say d-link-up "$(try ln -s ../../../../../../../../../../.. /rw/up)"
+say d-read-abs "$(try cat /rw/abs)"
+say d-read-rel "$(try cat /rw/rel)"
+say d-read-up "$(try cat /rw/up$secret)"
+say d-read-share-dotdot "$(try cat /mnt/share/../outside/secret /mnt/share/../../../../../../$secret)"
+say d-list-share-dotdot "$(try ls /mnt/share/.. /mnt/share/$id/..)"
+say d-plant-in-share "$(try ln -s $outside /mnt/share/$id/evil)"
+say d-plant-in-share-root "$(try ln -s $outside /mnt/share/evil-root)"
+say d-plant-mounts-link "$(try ln -s $outside /mnt/share/$id/mounts/evil)"
+
+# (e) hard links to files outside the volume.
+say e-link-ro-into-rw "$(try ln $ro/f $rw/hl-ro)"
+say e-link-rootfs-into-rw "$(try ln /mnt/share/$id/rootfs/bin/busybox $rw/hl-rootfs)"
+say e-link-guest-file "$(try ln /etc/passwd /rw/hl-guest)"
+
+# (f) forged file handles against virtio-fs.
+/tools/probe handles /rw
+
+# (g) filling a size-limited volume and the share itself.
+say g-fill-volume "$(try dd if=/dev/zero of=/small/fill bs=65536 count=64 conv=fsync)"
+say g-fill-share-root "$(try dd if=/dev/zero of=/mnt/share/fill bs=65536 count=128 conv=fsync)"
+say g-fill-share-dir "$(try dd if=/dev/zero of=/mnt/share/$id/fill bs=65536 count=128 conv=fsync)"
+rm -f /mnt/share/fill /mnt/share/$id/fill
+say done "ok"
+"#;
+
+/// `ESC key rest` lines.
+fn parse_guest(out: &str) -> BTreeMap<String, Vec<String>> {
+    let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for l in out.lines() {
+        if let Some(rest) = l.strip_prefix("ESC ") {
+            let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
+            m.entry(k.to_owned()).or_default().push(v.trim().to_owned());
+        }
+    }
+    m
+}
+
+/// The pod's shared directory on the host.
+fn shared_of(c: &Containerd, id: &str) -> PathBuf {
+    c.moat_state.join("default").join(id).join("shared")
+}
+
+/// The share's copy of the host directory whose `marker` file is `name` (its index is the
+/// spec's, unknown here).
+fn share_copy_of(c: &Containerd, id: &str, file: &str) -> Result<PathBuf, Failed> {
+    let dir = shared_of(c, id).join(id).join("mounts");
+    for e in std::fs::read_dir(&dir).context(format!("read {}", dir.display()))? {
+        let p = e.context("read_dir")?.path();
+        if p.join(file).exists() {
+            return Ok(p);
+        }
+    }
+    Err(format!("no entry of {} holds {file}", dir.display()).into())
+}
+
+/// Pids of moat-vmm for pod `id`: the supervisor named by vmm.pid and its children.
+fn vmm_pids(c: &Containerd, id: &str) -> Result<Vec<u32>, Failed> {
+    let path = c.moat_state.join("default").join(id).join("vmm.pid");
+    let sup: u32 = std::fs::read_to_string(&path)
+        .context(format!("read {}", path.display()))?
+        .trim()
+        .parse()
+        .context("parse vmm.pid")?;
+    let mut pids = vec![sup];
+    let children =
+        std::fs::read_to_string(format!("/proc/{sup}/task/{sup}/children")).unwrap_or_default();
+    pids.extend(
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok()),
+    );
+    Ok(pids)
+}
+
+/// `fds=N rss_kib=N nofile=N alive=B` of the jailed VMM (the last pid: the supervisor's child).
+fn vmm_sample(c: &Containerd, id: &str) -> Result<(usize, u64, u64, bool), Failed> {
+    let pids = vmm_pids(c, id)?;
+    let vmm = *pids.last().ok_or("no moat-vmm pid")?;
+    let fds = std::fs::read_dir(format!("/proc/{vmm}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{vmm}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let limits = std::fs::read_to_string(format!("/proc/{vmm}/limits")).unwrap_or_default();
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or(0);
+    let alive = pids
+        .iter()
+        .all(|p| Path::new(&format!("/proc/{p}")).exists());
+    Ok((fds, rss, nofile, alive))
+}
+
+fn run_as_nobody(path: &Path) -> String {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(path)
+        .output();
+    match out {
+        Ok(o) => format!("{} {}", o.status, text(&o.stdout).trim()) + &text(&o.stderr),
+        Err(e) => format!("cannot run: {e}"),
+    }
+}
+
+fn device_nodes(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_type()
+                        .map(|t| {
+                            use std::os::unix::fs::FileTypeExt;
+                            t.is_char_device() || t.is_block_device()
+                        })
+                        .unwrap_or(false)
+                })
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn used_kib(dir: &Path) -> String {
+    Command::new("du")
+        .args(["-sk"])
+        .arg(dir)
+        .output()
+        .map(|o| {
+            text(&o.stdout)
+                .split_whitespace()
+                .next()
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
+fn campaign() -> Result<Record, Failed> {
+    let c = Containerd::shared()?;
+    let lay = Layout::new()?;
+    let mut rec = Record::default();
+    let mount = |src: &Path, dst: &str, opts: &str| {
+        format!("type=bind,src={},dst={dst},options={opts}", src.display())
+    };
+    let (m_ro, m_rw, m_small, m_tools) = (
+        mount(&lay.ro, "/ro", "rbind:ro"),
+        mount(&lay.rw, "/rw", "rbind:rw"),
+        mount(&lay.small, "/small", "rbind:rw"),
+        mount(&lay.tools, "/tools", "rbind:ro"),
+    );
+    let out = c.run_ctr(&[
+        "run",
+        "-d",
+        "--privileged",
+        "--mount",
+        &m_ro,
+        "--mount",
+        &m_rw,
+        "--mount",
+        &m_small,
+        "--mount",
+        &m_tools,
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        ATTACKER,
+        "sleep",
+        "1000",
+    ])?;
+    check(&out, "ctr run -d --privileged esc-attack")?;
+    let res = attack(c, &lay, &mut rec);
+    // Whatever happened: remove both pods, then check nothing is left.
+    for id in [ATTACKER, BYSTANDER] {
+        let _ = c.run_ctr(&["task", "rm", "-f", id]);
+        let _ = c.run_ctr(&["container", "rm", id]);
+    }
+    res?;
+    let left = [ATTACKER, BYSTANDER]
+        .iter()
+        .map(|id| {
+            ensure_nothing_left(c, id)
+                .err()
+                .and_then(|e| e.message().map(str::to_owned))
+        })
+        .collect::<Vec<_>>();
+    let left: Vec<String> = left.into_iter().flatten().collect();
+    // After the pod's removal: the shim's cleanup did not follow the links the guest planted.
+    let secret_ok = std::fs::read_to_string(&lay.secret)
+        .unwrap_or_default()
+        .contains(&lay.nonce);
+    rec.host
+        .insert("d-secret-after-removal", secret_ok.to_string());
+    rec.host.insert(
+        "d-outside-after-removal",
+        format!(
+            "{:?}",
+            std::fs::read_dir(&lay.outside).map(|d| d.count()).ok()
+        ),
+    );
+    rec.cleanup = Some(left.join("; "));
+    Ok(rec)
+}
+
+fn attack(c: &Containerd, lay: &Layout, rec: &mut Record) -> Check {
+    let secret = lay.secret.to_string_lossy().into_owned();
+    let outside = lay.outside.to_string_lossy().into_owned();
+    let shared = shared_of(c, ATTACKER);
+    rec.host.insert("share-mountinfo", mountinfo_below(&shared));
+    let out = c.run_ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "attack",
+        ATTACKER,
+        "sh",
+        "/tools/attack.sh",
+        ATTACKER,
+        &secret,
+        &outside,
+    ])?;
+    rec.guest_text = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    rec.guest = parse_guest(&rec.guest_text);
+    eprintln!("escape: guest said:\n{}", rec.guest_text);
+
+    // Host-side observations, rows a-g.
+    rec.host.insert(
+        "a-ro-file",
+        std::fs::read_to_string(lay.ro.join("f")).unwrap_or_else(|e| format!("unreadable: {e}")),
+    );
+    rec.host.insert(
+        "a-ro-entries",
+        format!(
+            "{:?}",
+            std::fs::read_dir(&lay.ro)
+                .map(|d| d
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name())
+                    .collect::<Vec<_>>())
+                .ok()
+        ),
+    );
+    rec.host
+        .insert("b-devices-in-volume", device_nodes(&lay.rw).join(","));
+    let rw_copy = share_copy_of(c, ATTACKER, "marker")?;
+    let mut via_share = Vec::new();
+    for name in device_nodes(&lay.rw) {
+        let r = std::fs::File::open(rw_copy.join(&name));
+        via_share.push(format!(
+            "{name}:{}",
+            r.map(|_| "OPENED".to_owned())
+                .unwrap_or_else(|e| e.to_string())
+        ));
+    }
+    rec.host.insert("b-open-via-share", via_share.join(","));
+    let mode = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| format!("{:o} uid={}", m.mode(), m.uid()))
+            .unwrap_or_else(|e| e.to_string())
+    };
+    rec.host
+        .insert("c-mode-idcopy", mode(&lay.rw.join("idcopy")));
+    rec.host.insert("c-mode-bb", mode(&lay.rw.join("bb")));
+    rec.host
+        .insert("c-run-via-share", run_as_nobody(&rw_copy.join("idcopy")));
+    rec.host
+        .insert("c-run-via-source", run_as_nobody(&lay.rw.join("idcopy")));
+    rec.host.insert(
+        "e-ro-nlink",
+        std::fs::metadata(lay.ro.join("f"))
+            .map(|m| m.nlink().to_string())
+            .unwrap_or_default(),
+    );
+    rec.host.insert(
+        "e-links-in-volume",
+        ["hl-ro", "hl-rootfs", "hl-guest"]
+            .iter()
+            .filter(|n| lay.rw.join(n).exists())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    rec.host.insert("g-small-kib", used_kib(&lay.small));
+    rec.host.insert("g-share-kib", used_kib(&shared));
+    rec.host.insert(
+        "g-share-fstype",
+        mountinfo_below(&shared)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_owned(),
+    );
+
+    // (h) the flood, with a second pod beside it.
+    if let Err(e) = flood(c, lay, rec) {
+        rec.errors
+            .insert('h', e.message().unwrap_or("flood failed").to_owned());
+    }
+    Ok(())
+}
+
+fn mountinfo_below(dir: &Path) -> String {
+    let d = dir.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&*d)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads lines of `child`'s stdout until one starts with `prefix` (bounded by [`STEP_SECS`]).
+fn wait_line(
+    child: &mut Child,
+    reader: &mut BufReader<std::process::ChildStdout>,
+    prefix: &str,
+) -> Result<String, Failed> {
+    let deadline = Instant::now() + Duration::from_secs(STEP_SECS);
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        // The exec's output ends when it exits; `timeout` (below) bounds the whole exec.
+        let n = reader
+            .read_line(&mut line)
+            .context("read the flood's output")?;
+        if n == 0 || Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("the flood never printed `{prefix}`; it printed:\n{seen}").into());
+        }
+        seen.push_str(&line);
+        if line.starts_with(prefix) {
+            return Ok(line.trim().to_owned());
+        }
+    }
+}
+
+fn flood(c: &Containerd, lay: &Layout, rec: &mut Record) -> Check {
+    c.run_sleeper(BYSTANDER, 1000)?;
+    let before = vmm_sample(c, ATTACKER)?;
+    rec.host.insert("h-before", format!("{before:?}"));
+    let release = lay.rw.join("release");
+    let mut child = Command::new("timeout")
+        .arg((STEP_SECS * 2).to_string())
+        .arg("ctr")
+        .arg("--address")
+        .arg(&c.socket)
+        .args([
+            "task",
+            "exec",
+            "--exec-id",
+            "flood",
+            ATTACKER,
+            "/tools/probe",
+            "flood",
+            "/rw",
+        ])
+        .arg(FLOOD_FILES.to_string())
+        .arg(FLOOD_VSOCK.to_string())
+        .arg("/rw/release")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn ctr task exec flood")?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut reader = BufReader::new(stdout);
+    let held = wait_line(&mut child, &mut reader, "ESC h-held");
+    // Sample while the flood is held, and use the other pod meanwhile.
+    let during = vmm_sample(c, ATTACKER);
+    let other = c.run_ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "alive",
+        BYSTANDER,
+        "echo",
+        "bystander-alive",
+    ]);
+    let _ = std::fs::write(&release, "go");
+    let released = held
+        .as_ref()
+        .ok()
+        .map(|_| wait_line(&mut child, &mut reader, "ESC h-released"));
+    let _ = child.wait();
+    rec.host.insert("h-held", held?);
+    if let Some(r) = released {
+        rec.host.insert("h-released", r?);
+    }
+    rec.host.insert("h-during", format!("{:?}", during?));
+    let other = other?;
+    rec.host.insert(
+        "h-bystander",
+        format!("{} {}", other.status, text(&other.stdout).trim()),
+    );
+    let again = c.run_ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "again",
+        ATTACKER,
+        "sh",
+        "-c",
+        "rm -f /rw/flood-*; echo attacker-alive",
+    ])?;
+    rec.host.insert(
+        "h-attacker-after",
+        format!("{} {}", again.status, text(&again.stdout).trim()),
+    );
+    rec.host
+        .insert("h-after", format!("{:?}", vmm_sample(c, ATTACKER)?));
+    Ok(())
+}
+
+/// Parses `rc=N` at the start of a guest result.
+fn rc(v: &str) -> Option<i32> {
+    v.strip_prefix("rc=")?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn failed(v: &str) -> bool {
+    rc(v).is_some_and(|r| r != 0)
+}
+
+fn row_a() -> Check {
+    let r = record()?;
+    r.row_ok('a')?;
+    ensure(
+        r.host("a-ro-file")? == "host\n",
+        format!(
+            "the host file of the ro volume changed: {:?}",
+            r.host("a-ro-file")?
+        ),
+    )?;
+    ensure(
+        r.host("a-ro-entries")?.contains("\"f\"") && !r.host("a-ro-entries")?.contains("new"),
+        format!(
+            "the ro volume's entries changed: {}",
+            r.host("a-ro-entries")?
+        ),
+    )?;
+    // The remount in the guest is allowed (the guest is root of its VM); what counts is that
+    // the writes after it fail with EROFS from the host.
+    for k in [
+        "a-write-ro",
+        "a-write-after-remount",
+        "a-create-after-remount",
+        "a-chmod-after-remount",
+        "a-write-via-share",
+        "a-unlink-via-share",
+    ] {
+        let v = r.guest(k)?;
+        ensure(
+            failed(&v),
+            format!("{k}: the write succeeded in the guest: {v}"),
+        )?;
+    }
+    for k in ["a-write-after-remount", "a-write-via-share"] {
+        let v = r.guest(k)?;
+        ensure(
+            v.contains("Read-only file system"),
+            format!("{k}: expected EROFS from the host, got: {v}"),
+        )?;
+    }
+    eprintln!(
+        "escape: a: remount in the guest: {}",
+        r.guest("a-remount-rw")?
+    );
+    Ok(())
+}
+
+fn row_b() -> Check {
+    let r = record()?;
+    r.row_ok('b')?;
+    for k in [
+        "b-mknod-char-mem",
+        "b-mknod-char-null",
+        "b-mknod-block",
+        "b-mknod-via-share",
+    ] {
+        let v = r.guest(k)?;
+        ensure(
+            failed(&v),
+            format!("{k}: the guest created a device node in a volume: {v}"),
+        )?;
+    }
+    // Control: what containers need still works.
+    let fifo = r.guest("b-mknod-fifo")?;
+    ensure(
+        rc(&fifo) == Some(0),
+        format!("mknod of a FIFO in a volume failed: {fifo}"),
+    )?;
+    ensure(
+        r.host("b-devices-in-volume")?.is_empty(),
+        format!(
+            "device nodes appeared in the host volume: {}",
+            r.host("b-devices-in-volume")?
+        ),
+    )?;
+    ensure(
+        !r.host("b-open-via-share")?.contains("OPENED"),
+        format!(
+            "a device node opened through the share: {}",
+            r.host("b-open-via-share")?
+        ),
+    )
+}
+
+fn row_c() -> Check {
+    let r = record()?;
+    r.row_ok('c')?;
+    let via_share = r.host("c-run-via-share")?;
+    eprintln!(
+        "escape: c: modes idcopy {} bb {}; as nobody via the share: {via_share}; via the volume's host source: {}",
+        r.host("c-mode-idcopy")?,
+        r.host("c-mode-bb")?,
+        r.host("c-run-via-source")?
+    );
+    ensure(
+        via_share.contains("uid=65534"),
+        format!("the probe did not run as nobody through the share: {via_share}"),
+    )?;
+    ensure(
+        !via_share.contains("euid=0"),
+        format!("a setuid binary from the guest gave root through the share: {via_share}"),
+    )?;
+    // The volume's host source is an ordinary host directory (not a mount of the shim's):
+    // nosuid cannot apply there. The guest must not be able to leave a setuid-root file in it.
+    let via_source = r.host("c-run-via-source")?;
+    ensure(
+        !via_source.contains("euid=0"),
+        format!(
+            "ESCAPE: the guest made a host-root-owned file setuid in a writable volume ({}); run by \
+             an unprivileged host user from the volume's host path it gives: {via_source}",
+            r.host("c-mode-idcopy")?
+        ),
+    )
+}
+
+fn row_d() -> Check {
+    let r = record()?;
+    r.row_ok('d')?;
+    let nonce_seen = r.guest_text.contains("SECRET-");
+    ensure(
+        !nonce_seen,
+        format!(
+            "the guest read the host file outside the share:\n{}",
+            r.guest_text
+        ),
+    )?;
+    for k in [
+        "d-read-abs",
+        "d-read-rel",
+        "d-read-up",
+        "d-read-share-dotdot",
+    ] {
+        r.guest(k)?;
+    }
+    let listing = r.guest("d-list-share-dotdot")?;
+    for host_only in ["vmm.pid", "console.log", "vsock.sock", "outside"] {
+        ensure(
+            !listing.contains(host_only),
+            format!("`..` of the share listed host entries ({host_only}): {listing}"),
+        )?;
+    }
+    ensure(r.cleanup.is_some(), "the pods were not removed")?;
+    ensure(
+        r.host("d-secret-after-removal")? == "true",
+        "the file the guest's links pointed at is gone after the pod's removal",
+    )?;
+    ensure(
+        r.host("d-outside-after-removal")? == "Some(1)",
+        format!(
+            "the directory the guest's links pointed at changed: {}",
+            r.host("d-outside-after-removal")?
+        ),
+    )
+}
+
+fn row_e() -> Check {
+    let r = record()?;
+    r.row_ok('e')?;
+    for k in [
+        "e-link-ro-into-rw",
+        "e-link-rootfs-into-rw",
+        "e-link-guest-file",
+    ] {
+        let v = r.guest(k)?;
+        ensure(failed(&v), format!("{k}: the hard link was made: {v}"))?;
+    }
+    ensure(
+        r.host("e-ro-nlink")? == "1",
+        format!(
+            "the ro file got another link: nlink {}",
+            r.host("e-ro-nlink")?
+        ),
+    )?;
+    ensure(
+        r.host("e-links-in-volume")?.is_empty(),
+        format!(
+            "links appeared in the volume: {}",
+            r.host("e-links-in-volume")?
+        ),
+    )
+}
+
+fn row_f() -> Check {
+    let r = record()?;
+    r.row_ok('f')?;
+    let forged = r.guest("f-forged")?;
+    eprintln!(
+        "escape: f: {} / {} / {forged}",
+        r.guest("f-name-to-handle")?,
+        r.guest("f-real")?
+    );
+    // A forged handle may only ever name what the server already handed to this guest (the
+    // share's own inodes); nothing opened may show the host around the share.
+    let opened = r
+        .guest
+        .get("f-forged-open")
+        .cloned()
+        .unwrap_or_default()
+        .join("\n");
+    for host_only in [
+        "vmm.pid",
+        "console.log",
+        "vsock.sock",
+        "SECRET-",
+        "outside,",
+        "etc,",
+        "usr,",
+    ] {
+        ensure(
+            !opened.contains(host_only),
+            format!(
+                "a forged handle opened a host object outside the share ({host_only}):\n{opened}"
+            ),
+        )?;
+    }
+    ensure(
+        forged.contains("tried="),
+        format!("the probe did not run: {forged}"),
+    )
+}
+
+fn row_g() -> Check {
+    let r = record()?;
+    r.row_ok('g')?;
+    let v = r.guest("g-fill-volume")?;
+    ensure(
+        failed(&v) && v.contains("No space left"),
+        format!("filling the 1 MiB volume: expected ENOSPC, got: {v}"),
+    )?;
+    let kib: u64 = r.host("g-small-kib")?.parse().unwrap_or(u64::MAX);
+    ensure(kib <= 1024, format!("the 1 MiB volume holds {kib} KiB"))?;
+    // The share itself is a small tmpfs of the shim's: writing into it directly (not into a
+    // volume or the rootfs) ends in ENOSPC instead of filling the host's state directory.
+    for k in ["g-fill-share-root", "g-fill-share-dir"] {
+        let v = r.guest(k)?;
+        ensure(
+            failed(&v) && v.contains("No space left"),
+            format!(
+                "{k}: expected ENOSPC, got: {v}\nshare: {}",
+                r.host("g-share-fstype")?
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// `(fds, rss_kib, nofile, alive)` as recorded.
+fn sample(s: &str) -> Option<(usize, u64, u64, bool)> {
+    let t = s.trim_matches(|c| c == '(' || c == ')');
+    let mut p = t.split(", ");
+    Some((
+        p.next()?.parse().ok()?,
+        p.next()?.parse().ok()?,
+        p.next()?.parse().ok()?,
+        p.next()? == "true",
+    ))
+}
+
+fn row_h() -> Check {
+    let r = record()?;
+    r.row_ok('h')?;
+    let held = r.host("h-held")?;
+    eprintln!(
+        "escape: h: before {} during {} after {}; {held}",
+        r.host("h-before")?,
+        r.host("h-during")?,
+        r.host("h-after")?
+    );
+    let (fds0, _, nofile, _) = sample(r.host("h-before")?).ok_or("unparsable sample")?;
+    let (fds1, rss1, _, alive1) = sample(r.host("h-during")?).ok_or("unparsable sample")?;
+    let (_, _, _, alive2) = sample(r.host("h-after")?).ok_or("unparsable sample")?;
+    ensure(
+        alive1 && alive2,
+        "the attacker's moat-vmm died under the flood",
+    )?;
+    ensure(
+        fds1 <= nofile as usize,
+        format!("moat-vmm holds {fds1} fds, above its RLIMIT_NOFILE {nofile}"),
+    )?;
+    ensure(
+        fds1 > fds0,
+        format!("the flood did not reach the VMM (fds {fds0} → {fds1}): {held}"),
+    )?;
+    // Guest RAM (256 MiB) plus the VMM's own: bounded by RLIMIT_AS; here a generous bound.
+    ensure(
+        rss1 < 1024 * 1024,
+        format!("moat-vmm's RSS under the flood is {rss1} KiB"),
+    )?;
+    ensure(
+        r.host("h-bystander")?.contains("bystander-alive"),
+        format!(
+            "the other pod did not answer during the flood: {}",
+            r.host("h-bystander")?
+        ),
+    )?;
+    ensure(
+        r.host("h-attacker-after")?.contains("attacker-alive"),
+        format!(
+            "the flooding pod's agent did not answer afterwards: {}",
+            r.host("h-attacker-after")?
+        ),
+    )
+}
+
+fn row_cleanup() -> Check {
+    let r = record()?;
+    match &r.cleanup {
+        Some(left) if left.is_empty() => Ok(()),
+        Some(left) => Err(format!("left behind: {left}").into()),
+        None => Err("the campaign did not get to its cleanup".into()),
+    }
+}
