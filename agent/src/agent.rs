@@ -9,8 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 
 use moat_protocol::agent as pb;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, Mutex};
 
 use crate::cgroup;
@@ -203,10 +202,12 @@ impl Agent {
                 req.container_id
             )));
         }
+        let pid_ns_of = self.pid_namespace_owner(&req)?;
         let c = Container::create(
             &req,
             &spec,
             sb,
+            pid_ns_of.as_deref(),
             &self.storage,
             self.cgroups.as_ref(),
             &self.reaper,
@@ -215,6 +216,32 @@ impl Agent {
         .await?;
         self.containers.lock_or_recover().insert(c.id.clone(), c);
         Ok(())
+    }
+
+    /// The container whose PID namespace `req` asks to join (`share_pid_namespace_with`): it
+    /// must exist and its init must still run (the namespace dies with it).
+    fn pid_namespace_owner(
+        &self,
+        req: &pb::CreateContainerRequest,
+    ) -> Result<Option<Arc<Container>>> {
+        let name = &req.share_pid_namespace_with;
+        if name.is_empty() {
+            return Ok(None);
+        }
+        check_name("share_pid_namespace_with", name)?;
+        let other = self.container(name).map_err(|_| {
+            AgentError::NotFound(format!(
+                "container {name:?} (whose PID namespace {:?} is to share)",
+                req.container_id
+            ))
+        })?;
+        if !other.is_alive() {
+            return Err(AgentError::FailedPrecondition(format!(
+                "container {name:?} has exited: its PID namespace, which {:?} is to share, is gone",
+                req.container_id
+            )));
+        }
+        Ok(Some(other))
     }
 
     /// Lets a created container run its process.
@@ -245,6 +272,9 @@ impl Agent {
         if all {
             c.kill_all(sig);
             return Ok(());
+        }
+        if r.exec_id.is_empty() {
+            return c.signal_init(sig);
         }
         c.process(&r.exec_id)?.signal(sig)
     }
@@ -289,11 +319,21 @@ impl Agent {
             .ok_or_else(|| AgentError::FailedPrecondition("agent shutting down".into()))
     }
 
+    /// PID of a process in the sandbox's network namespace (its namespace holder), if a
+    /// sandbox exists: port-forward lists and connects there.
+    pub async fn sandbox_netns_pid(&self) -> Option<i32> {
+        self.sandbox
+            .lock()
+            .await
+            .as_ref()
+            .and_then(Sandbox::holder_pid)
+    }
+
     /// Forwards a signal the agent received (as PID 1) to every container's init.
     pub fn forward_signal(&self, sig: Signal) {
         for c in self.containers.lock_or_recover().values() {
-            if c.init.exited().is_none() {
-                let _ = kill(Pid::from_raw(c.init.pid), sig);
+            if c.is_alive() {
+                let _ = c.signal_init(sig);
             }
         }
     }

@@ -81,12 +81,16 @@ fn watch_oom(
 
 impl Container {
     /// Creates container `req.container_id` from its validated `spec` in sandbox `sb`: rootfs,
-    /// cgroup, and an init process set up and waiting for [`Container::start`]. On failure
-    /// everything made so far is removed again. OOM kills are reported on `oom_tx`.
+    /// cgroup, and an init process set up and waiting for [`Container::start`]. The container
+    /// joins the PID namespace of `pid_ns_of` (a running container of the sandbox, from
+    /// `share_pid_namespace_with`) if given, else the sandbox's shared one, else gets its own.
+    /// On failure everything made so far is removed again. OOM kills are reported on `oom_tx`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create(
         req: &pb::CreateContainerRequest,
         spec: &Spec,
         sb: &Sandbox,
+        pid_ns_of: Option<&Container>,
         storage: &Storage,
         cgroups: Option<&Manager>,
         reaper: &Reaper,
@@ -132,11 +136,27 @@ impl Container {
             (Ns::Ipc, PathBuf::from(format!("/proc/{holder}/ns/ipc"))),
             (Ns::Net, PathBuf::from(format!("/proc/{holder}/ns/net"))),
         ];
-        if sb.shared_pidns {
-            join.push((Ns::Pid, PathBuf::from(format!("/proc/{holder}/ns/pid"))));
-        } else {
-            new_ns.push(Ns::Pid);
-        }
+        let own_pidns = match pid_ns_of {
+            _ if sb.shared_pidns => {
+                join.push((Ns::Pid, PathBuf::from(format!("/proc/{holder}/ns/pid"))));
+                false
+            }
+            Some(other) => {
+                tracing::info!(
+                    "container {id:?} joins the PID namespace of container {:?}",
+                    other.id
+                );
+                join.push((
+                    Ns::Pid,
+                    PathBuf::from(format!("/proc/{}/ns/pid", other.init.pid)),
+                ));
+                false
+            }
+            None => {
+                new_ns.push(Ns::Pid);
+                true
+            }
+        };
         for ns in linux.namespaces().iter().flatten() {
             if ns.path().is_some() {
                 tracing::info!("container {id:?}: namespace path {:?} ignored; the sandbox's namespaces are used", ns.path());
@@ -201,7 +221,7 @@ impl Container {
             control: Mutex::new(sock),
             cgroup: cg,
             rootfs_mount: rootfs.mount,
-            own_pidns: !sb.shared_pidns,
+            own_pidns,
             seccomp,
             oom_task,
         }))
@@ -317,8 +337,19 @@ impl Container {
         out
     }
 
+    /// Sends `sig` to the container's init process. When that is the init of the container's
+    /// own PID namespace, a signal the kernel would discard (default disposition) is held until
+    /// the process can take it ([`Process::signal_pidns_init`]).
+    pub fn signal_init(&self, sig: Signal) -> Result<()> {
+        if self.own_pidns {
+            self.init.signal_pidns_init(sig)
+        } else {
+            self.init.signal(sig)
+        }
+    }
+
     /// Sends `sig` to every process of the container (SIGKILL through `cgroup.kill` when it
-    /// can).
+    /// can; the init as [`Container::signal_init`] does).
     pub fn kill_all(&self, sig: Signal) {
         if sig == Signal::SIGKILL {
             if let Some(cg) = &self.cgroup {
@@ -328,8 +359,17 @@ impl Container {
             }
         }
         for pid in self.pids() {
-            let _ = kill(Pid::from_raw(pid), sig);
+            if pid == self.init.pid {
+                let _ = self.signal_init(sig);
+            } else {
+                let _ = kill(Pid::from_raw(pid), sig);
+            }
         }
+    }
+
+    /// Whether the init process is still running (not reaped).
+    pub fn is_alive(&self) -> bool {
+        self.init.exited().is_none()
     }
 
     /// Freezes (`pause`) a running container or thaws a paused one.

@@ -31,6 +31,11 @@ pub enum AgentError {
     /// The request does not fit the current state.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A signal for a process that has already exited (and been reaped). NOT_FOUND, as
+    /// containerd's runc shim answers (`errdefs.ErrNotFound`): containerd treats a Kill
+    /// answered NOT_FOUND as done, which is what a StopContainer racing the exit needs.
+    #[error("process {0} already finished")]
+    ProcessFinished(i32),
     /// `UpdateContainer`'s resources are not OCI `LinuxResources` JSON.
     #[error("invalid request: resources JSON: {0}")]
     ResourcesJson(#[source] serde_json::Error),
@@ -89,7 +94,7 @@ impl AgentError {
     /// The ttrpc status code the client gets for this error.
     pub fn code(&self) -> Code {
         match self {
-            AgentError::NotFound(_) => Code::NOT_FOUND,
+            AgentError::NotFound(_) | AgentError::ProcessFinished(_) => Code::NOT_FOUND,
             AgentError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             AgentError::InvalidArgument(_)
             | AgentError::ResourcesJson(_)
@@ -137,6 +142,9 @@ mod tests {
     #[test]
     fn request_errors_map_to_their_codes() {
         assert_eq!(AgentError::NotFound("c".into()).code(), Code::NOT_FOUND);
+        let gone = AgentError::ProcessFinished(42);
+        assert_eq!(gone.code(), Code::NOT_FOUND);
+        assert_eq!(gone.to_string(), "process 42 already finished");
         assert_eq!(
             AgentError::AlreadyExists("c".into()).code(),
             Code::ALREADY_EXISTS

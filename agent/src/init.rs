@@ -6,8 +6,8 @@
 //! Sequence: read [`InitConfig`] from fd 3 → join the cgroup → join
 //! namespaces → unshare new ones → fork (so the child is inside the new PID
 //! namespace) → the parent reports the child's PID and exits; the child does
-//! the rootfs setup (mounts, devices, `pivot_root`, masked/read-only paths:
-//! [`crate::rootfs`]), reports Ready, waits for Start, drops privileges (rlimits, user, groups,
+//! the rootfs setup (mounts, devices, `pivot_root`; then the sysctls; then masked/read-only
+//! paths: [`crate::rootfs`]), reports Ready, waits for Start, drops privileges (rlimits, user, groups,
 //! capabilities, no_new_privs, seccomp) and `execve`s the workload. Errors
 //! go back to the agent over fd 3; on success the close-on-exec socket simply
 //! reaches end of stream.
@@ -20,13 +20,14 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::signal::SigHandler;
 use nix::sys::stat::Mode;
 use nix::unistd::{chdir, execve, fork, ForkResult, Gid, Uid};
 use oci_spec::runtime::{LinuxCapabilities, Process};
 
 use crate::ipc::{self, InitConfig, InitMsg, Kind, START_BYTE};
 use crate::net::NetError;
-use crate::rootfs::{setup_rootfs, RootfsError};
+use crate::rootfs::{finish_rootfs, setup_rootfs, RootfsError};
 
 /// Environment variable naming the control socket fd.
 pub const INIT_FD_ENV: &str = "_MOAT_INIT_FD";
@@ -194,10 +195,13 @@ fn run(sock: &mut UnixStream) -> Result<()> {
                 .ok_or_else(|| InitError::Bad("container without rootfs".into()))?;
             setup_rootfs(plan)?;
             set_names(&cfg)?;
+            // runc's order: after the mounts and pivot_root, before the read-only paths
+            // (`/proc/sys` among them) and the read-only root.
             for (k, v) in &cfg.sysctl {
                 let p = format!("/proc/sys/{}", k.replace('.', "/"));
-                std::fs::write(&p, v).map_err(io(|| format!("sysctl {k}")))?;
+                std::fs::write(&p, v).map_err(io(|| format!("sysctl {k}={v}")))?;
             }
+            finish_rootfs(plan)?;
             ipc::send(sock, &InitMsg::Ready)?;
             let mut b = [0u8; 1];
             match sock.read(&mut b) {
@@ -301,6 +305,11 @@ fn exec_process(cfg: &InitConfig) -> Result<()> {
         .map_err(|_| InitError::Bad("environment with NUL".into()))?;
     let cprog = CString::new(prog.as_os_str().as_encoded_bytes())
         .map_err(|_| InitError::Bad("bad path".into()))?;
+    // The Rust runtime of this helper ignores SIGPIPE, and SIG_IGN survives execve: give the
+    // workload the default disposition a fresh process has (`yes | head -1` must end `yes`).
+    // SAFETY: setting a standard signal's disposition to SIG_DFL installs no handler.
+    unsafe { nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, SigHandler::SigDfl) }
+        .map_err(sys(|| "resetting SIGPIPE".into()))?;
     let e = execve(&cprog, &cargs, &cenv).unwrap_err();
     Err(InitError::Sys {
         what: format!("exec {}", args[0]),

@@ -16,7 +16,7 @@
 //! in a freshly exec'd single-threaded helper (`moat-agent __init`), never
 //! in the threaded agent. Seccomp uses the pure-Rust `seccompiler`.
 
-use moat_agent::{agent, init, logger, pid1, reaper, server};
+use moat_agent::{agent, init, logger, pid1, portforward, reaper, server};
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,9 +27,12 @@ use tokio::signal::unix::{signal, SignalKind};
 /// The `--help` text.
 fn usage() -> String {
     format!(
-        "usage: moat-agent [--listen ADDR] [--state-dir DIR]
+        "usage: moat-agent [--listen ADDR] [--forward-listen ADDR] [--state-dir DIR]
 
   --listen ADDR     vsock://-1:{port} (default) or unix:///PATH.sock
+  --forward-listen ADDR
+                    the port-forward relay: vsock://-1:{fwd} (default with a vsock
+                    --listen; none with a unix one) or unix:///PATH.sock
   --state-dir DIR   where sandbox files and rootfs mounts live (default {state})
   --version         print the version
 
@@ -37,6 +40,7 @@ As PID 1 the agent also mounts /proc, /sys, /dev, /run, cgroup2, writes the
 boot marker and powers the VM off on DestroySandbox(power_off) or a fatal error.
 Log level: MOAT_AGENT_LOG=error|warn|info|debug|trace.",
         port = moat_protocol::AGENT_VSOCK_PORT,
+        fwd = moat_protocol::FORWARD_VSOCK_PORT,
         state = moat_protocol::GUEST_STATE_DIR,
     )
 }
@@ -65,12 +69,15 @@ enum MainError {
 struct Options {
     listen: String,
     state_dir: PathBuf,
+    /// The port-forward listener (see `portforward`), if any.
+    forward_listen: Option<portforward::ForwardAddress>,
 }
 
 fn parse_args() -> Result<Option<Options>, MainError> {
     let mut o = Options {
         listen: format!("vsock://-1:{}", moat_protocol::AGENT_VSOCK_PORT),
         state_dir: PathBuf::from(moat_protocol::GUEST_STATE_DIR),
+        forward_listen: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -85,6 +92,15 @@ fn parse_args() -> Result<Option<Options>, MainError> {
                     .next()
                     .ok_or_else(|| MainError::Usage("--state-dir needs a value".into()))?
                     .into()
+            }
+            "--forward-listen" => {
+                let a = args
+                    .next()
+                    .ok_or_else(|| MainError::Usage("--forward-listen needs a value".into()))?;
+                o.forward_listen =
+                    Some(portforward::ForwardAddress::parse(&a).ok_or_else(|| {
+                        MainError::Usage(format!("unsupported forward address {a:?}"))
+                    })?);
             }
             "--version" => {
                 println!(
@@ -108,6 +124,12 @@ fn parse_args() -> Result<Option<Options>, MainError> {
             "unsupported listen address {:?}",
             o.listen
         )));
+    }
+    if o.forward_listen.is_none() && o.listen.starts_with("vsock://") {
+        o.forward_listen = Some(portforward::ForwardAddress::Vsock {
+            cid: u32::MAX,
+            port: moat_protocol::FORWARD_VSOCK_PORT,
+        });
     }
     if !o.state_dir.is_absolute() {
         return Err(MainError::Usage("--state-dir must be absolute".into()));
@@ -225,6 +247,25 @@ async fn serve(opts: Options, is_init: bool) -> Result<(), MainError> {
         if is_init { " as PID 1" } else { "" }
     );
 
+    // Port-forward is an extra: without it the pod still runs (logged).
+    let forwarder = opts.forward_listen.as_ref().and_then(|addr| {
+        let a = agent.clone();
+        let lookup: portforward::NetnsLookup = Arc::new(move || {
+            let a = a.clone();
+            Box::pin(async move { a.sandbox_netns_pid().await })
+        });
+        match portforward::Forwarder::start(addr, lookup) {
+            Ok(f) => {
+                tracing::info!("port-forward relay on {addr}");
+                Some(f)
+            }
+            Err(e) => {
+                tracing::error!("port-forward unavailable: {e}");
+                None
+            }
+        }
+    });
+
     let sig = |k| {
         signal(k).map_err(|source| MainError::Io {
             what: "installing signal handlers".into(),
@@ -252,6 +293,7 @@ async fn serve(opts: Options, is_init: bool) -> Result<(), MainError> {
         tracing::info!("{got}: shutting down");
         break;
     }
+    drop(forwarder);
     agent.shutdown().await;
     let _ = server.shutdown().await;
     if let Some(p) = &unix_path {

@@ -1,10 +1,12 @@
 //! One process the agent tracks — a container's init, an exec'd process or the sandbox's
 //! namespace holder — and how it is started: the `__init` helper is spawned off the runtime
 //! (`spawn_blocking`), the agent keeps the process's streams and learns its exit from the
-//! reaper.
+//! reaper. Also signal delivery, including the signals held for a PID-namespace init until it
+//! can take them ([`Process::signal_pidns_init`]).
 
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -13,8 +15,14 @@ use tokio::sync::{watch, Mutex};
 use crate::error::{AgentError, Result};
 use crate::ipc::InitConfig;
 use crate::reaper::{Exit, Reaper};
+use crate::signals::{Dispositions, Fate};
 use crate::spawn::{spawn_helper, SpawnError};
 use crate::stdio::{self, ProcessIo};
+use crate::sync::LockExt;
+
+/// First and longest pause between two looks at a held signal's target (doubling in between).
+const HOLD_POLL_FIRST: Duration = Duration::from_millis(1);
+const HOLD_POLL_MAX: Duration = Duration::from_millis(200);
 
 /// One process (a container's init, an exec or the sandbox's namespace holder).
 pub struct Process {
@@ -23,6 +31,9 @@ pub struct Process {
     /// The agent's ends of the streams.
     pub io: ProcessIo,
     exit: watch::Receiver<Option<Exit>>,
+    /// Signals held for this process (bit `n - 1` = signal `n`); a task delivers them while
+    /// any is set (see [`Process::signal_pidns_init`]).
+    held: Arc<StdMutex<u64>>,
 }
 
 impl Process {
@@ -36,7 +47,12 @@ impl Process {
                 let _ = tx.send(Some(e));
             }
         });
-        Arc::new(Self { pid, io, exit: rx })
+        Arc::new(Self {
+            pid,
+            io,
+            exit: rx,
+            held: Arc::new(StdMutex::new(0)),
+        })
     }
 
     /// The exit, if it happened.
@@ -61,18 +77,108 @@ impl Process {
         }
     }
 
-    /// Sends `sig`; refused once the process has exited (its PID may be reused).
+    /// Sends `sig`; refused with [`AgentError::ProcessFinished`] (NOT_FOUND) once the process
+    /// has exited (its PID may be reused).
     pub fn signal(&self, sig: Signal) -> Result<()> {
         if self.exited().is_some() {
-            return Err(AgentError::FailedPrecondition(format!(
-                "process {} has exited",
-                self.pid
-            )));
+            return Err(AgentError::ProcessFinished(self.pid));
         }
-        kill(Pid::from_raw(self.pid), sig).map_err(|source| AgentError::Sys {
-            what: format!("kill({}, {sig})", self.pid),
-            source,
-        })
+        match kill(Pid::from_raw(self.pid), sig) {
+            Ok(()) => Ok(()),
+            // Reaped, and the reaper's news not yet here.
+            Err(nix::Error::ESRCH) => Err(AgentError::ProcessFinished(self.pid)),
+            Err(source) => Err(AgentError::Sys {
+                what: format!("kill({}, {sig})", self.pid),
+                source,
+            }),
+        }
+    }
+
+    /// Sends `sig` to this process, the init of its own PID namespace, without the kernel
+    /// discarding it. The kernel drops a signal whose disposition is `SIG_DFL` when it is sent
+    /// to a PID-namespace init (SIGKILL/SIGSTOP from an ancestor namespace excepted), but keeps
+    /// a *blocked* one pending. A workload that has not yet installed its handler (a SIGTERM
+    /// right after Start, before the shell ran `trap`) would lose the signal and never stop;
+    /// so the agent treats such a signal as if the process had it blocked: it holds it and
+    /// sends it once the process catches or blocks it, drops it if the process sets `SIG_IGN`
+    /// (as the kernel drops a pending signal then), and forgets it when the process exits.
+    /// Signals the process already catches, blocks or ignores go straight through, as do
+    /// SIGKILL and SIGSTOP. Standard signals held twice count once, as pending ones do.
+    pub fn signal_pidns_init(&self, sig: Signal) -> Result<()> {
+        if self.exited().is_some() {
+            return Err(AgentError::ProcessFinished(self.pid));
+        }
+        let fate = match Dispositions::read(self.pid) {
+            Some(d) => d.fate(sig),
+            None => Fate::Deliver,
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return self.signal(sig);
+        };
+        if fate != Fate::Discarded {
+            return self.signal(sig);
+        }
+        let mut held = self.held.lock_or_recover();
+        let idle = *held == 0;
+        *held |= 1u64 << ((sig as i32 - 1) & 63);
+        tracing::debug!(
+            "pid {}: {sig} held until the process catches or blocks it",
+            self.pid
+        );
+        if idle {
+            rt.spawn(deliver_held(self.pid, self.held.clone(), self.exit.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Delivers the signals held for `pid` (see [`Process::signal_pidns_init`]) as its dispositions
+/// allow, until none is held or the process has exited. There is no kernel notification of a
+/// `sigaction` change, so it looks at `/proc/<pid>/status` after 1 ms, then at doubling
+/// intervals of at most 200 ms.
+async fn deliver_held(pid: i32, held: Arc<StdMutex<u64>>, mut exit: watch::Receiver<Option<Exit>>) {
+    let mut pause = HOLD_POLL_FIRST;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = exit.wait_for(Option::is_some) => {}
+        }
+        let exited = exit.borrow().is_some() || exit.has_changed().is_err();
+        pause = (pause * 2).min(HOLD_POLL_MAX);
+        let mut bits = held.lock_or_recover();
+        let d = if exited {
+            None
+        } else {
+            Dispositions::read(pid)
+        };
+        let Some(d) = d else {
+            *bits = 0;
+            return;
+        };
+        for n in 1..=64 {
+            let b = 1u64 << (n - 1);
+            if *bits & b == 0 {
+                continue;
+            }
+            let Ok(sig) = Signal::try_from(n) else {
+                *bits &= !b;
+                continue;
+            };
+            match d.fate(sig) {
+                Fate::Deliver => {
+                    *bits &= !b;
+                    tracing::debug!("pid {pid}: delivering held {sig}");
+                    if let Err(e) = kill(Pid::from_raw(pid), sig) {
+                        tracing::debug!("pid {pid}: held {sig}: {e}");
+                    }
+                }
+                Fate::Ignored => *bits &= !b,
+                Fate::Discarded => {}
+            }
+        }
+        if *bits == 0 {
+            return;
+        }
     }
 }
 

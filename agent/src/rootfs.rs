@@ -2,7 +2,8 @@
 //! namespace (runc's order): `/` made rslave, the rootfs bind-mounted, the OCI mounts (bind
 //! and rbind with remount flags and propagation, proc, sysfs, tmpfs, devpts, mqueue,
 //! cgroup → cgroup2), default and `linux.devices` nodes when `/dev` is a mount, the `/dev`
-//! symlinks, `pivot_root`, masked and read-only paths and a read-only root. Also the parser
+//! symlinks, `pivot_root` ([`setup_rootfs`]), then — after the helper wrote the sysctls —
+//! masked and read-only paths and a read-only root ([`finish_rootfs`]). Also the parser
 //! of OCI mount options, which the agent uses for shared and block mounts too.
 //!
 //! Every destination is resolved inside the rootfs ([`resolve_in_root`]): nothing is mounted
@@ -160,7 +161,8 @@ fn do_mount(
 }
 
 /// Builds the container's mount tree from `plan` and makes it the root (`pivot_root`); runs
-/// in the helper, in the container's new mount namespace.
+/// in the helper, in the container's new mount namespace. [`finish_rootfs`] follows, after
+/// the sysctls are written (runc's order: `/proc/sys` is usually one of the read-only paths).
 pub fn setup_rootfs(plan: &RootfsPlan) -> Result<()> {
     let root = &plan.path;
     // Nothing we mount may propagate back to the agent's namespace.
@@ -194,7 +196,12 @@ pub fn setup_rootfs(plan: &RootfsPlan) -> Result<()> {
     pivot_root(".", ".").map_err(sys(|| format!("pivot_root to {}", root.display())))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(sys(|| "detaching the old root".into()))?;
     chdir("/").map_err(sys(|| "chdir /".into()))?;
+    Ok(())
+}
 
+/// Finishes the mount tree after [`setup_rootfs`] (and the sysctls): masked paths, read-only
+/// paths and the read-only root.
+pub fn finish_rootfs(plan: &RootfsPlan) -> Result<()> {
     for p in &plan.masked_paths {
         mask_path(p)?;
     }

@@ -279,6 +279,25 @@ impl svc::Agent for Service {
         Ok(pb::Empty::new())
     }
 
+    async fn list_listening_ports(
+        &self,
+        _: &TtrpcContext,
+        _: pb::ListListeningPortsRequest,
+    ) -> R<pb::ListListeningPortsResponse> {
+        let pid = self
+            .agent
+            .sandbox_netns_pid()
+            .await
+            .ok_or_else(|| status(AgentError::FailedPrecondition("no sandbox".into())))?;
+        let mut r = pb::ListListeningPortsResponse::new();
+        r.ports = crate::portforward::listening_ports(pid)
+            .map_err(status)?
+            .into_iter()
+            .map(u32::from)
+            .collect();
+        Ok(r)
+    }
+
     async fn get_oom_event(&self, _: &TtrpcContext, _: pb::GetOomEventRequest) -> R<pb::OomEvent> {
         let id = self.agent.next_oom().await.map_err(status)?;
         let mut r = pb::OomEvent::new();

@@ -33,7 +33,7 @@ fn is_root() -> bool {
 macro_rules! require_root {
     () => {
         if !is_root() {
-            eprintln!("skipped: needs root (namespaces, mounts)");
+            moat_test_support::skip("needs root (namespaces, mounts)");
             return;
         }
     };
@@ -186,8 +186,20 @@ impl TestAgent {
     }
 
     fn create(&self, id: &str, spec: &serde_json::Value) -> Result<(), String> {
+        self.create_sharing(id, spec, "")
+    }
+
+    /// Creates a container that joins the PID namespace of container `share_pid_with` (none
+    /// when empty).
+    fn create_sharing(
+        &self,
+        id: &str,
+        spec: &serde_json::Value,
+        share_pid_with: &str,
+    ) -> Result<(), String> {
         let mut req = pb::CreateContainerRequest::new();
         req.container_id = id.into();
+        req.share_pid_namespace_with = share_pid_with.into();
         req.oci_spec = serde_json::to_vec(spec).unwrap();
         let mut rootfs = pb::Rootfs::new();
         let path = self.rootfs();
@@ -253,11 +265,21 @@ impl TestAgent {
     }
 
     fn signal(&self, id: &str, exec: &str, sig: u32, all: bool) {
+        self.try_signal(id, exec, sig, all).unwrap();
+    }
+
+    fn try_signal(
+        &self,
+        id: &str,
+        exec: &str,
+        sig: u32,
+        all: bool,
+    ) -> Result<(), moat_protocol::ttrpc::Error> {
         let mut r = pb::SignalProcessRequest::new();
         r.process = Some(pref(id, exec)).into();
         r.signal = sig;
         r.all = all;
-        self.client.signal_process(ctx(), &r).unwrap();
+        self.client.signal_process(ctx(), &r).map(|_| ())
     }
 
     fn write_stdin(&self, id: &str, exec: &str, data: &[u8]) {
@@ -344,6 +366,14 @@ fn cgroup2_root() -> Option<PathBuf> {
         (post.split_whitespace().next()? == "cgroup2")
             .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap()))
     })
+}
+
+/// The status code of an RPC error.
+fn code(e: moat_protocol::ttrpc::Error) -> moat_protocol::ttrpc::Code {
+    match e {
+        moat_protocol::ttrpc::Error::RpcStatus(s) => s.code(),
+        other => panic!("not a status: {other}"),
+    }
 }
 
 /// The message of an RPC error.
@@ -655,7 +685,7 @@ fn seccomp_user_and_capabilities() {
 fn sigterm_tears_everything_down() {
     require_root!();
     if remote().is_some() {
-        eprintln!("skipped: needs a local agent");
+        moat_test_support::skip("needs a local agent");
         return;
     }
     let mut a = TestAgent::start("sigterm");
@@ -699,10 +729,10 @@ fn cgroup_limits_oom_pids_stats_and_update() {
     assert_eq!(details.protocol_version, moat_protocol::PROTOCOL_VERSION);
     let have = |c: &str| details.cgroup_controllers.iter().any(|x| x == c);
     if !(have("memory") && have("pids") && have("cpu")) {
-        eprintln!(
-            "skipped: cgroup v2 controllers {:?} lack memory/pids/cpu",
+        moat_test_support::skip(format!(
+            "cgroup v2 controllers {:?} lack memory/pids/cpu",
             details.cgroup_controllers
-        );
+        ));
         a.finish();
         return;
     }
@@ -787,7 +817,7 @@ fn cgroup_limits_oom_pids_stats_and_update() {
 #[test]
 fn remote_power_off() {
     if remote().is_none() || std::env::var("MOAT_AGENT_TEST_POWER_OFF").as_deref() != Ok("1") {
-        eprintln!("skipped: needs a remote agent and MOAT_AGENT_TEST_POWER_OFF=1");
+        moat_test_support::skip("needs a remote agent and MOAT_AGENT_TEST_POWER_OFF=1");
         return;
     }
     let mut a = TestAgent::start("poweroff");
@@ -1076,5 +1106,147 @@ fn oversize_messages_are_refused() {
     assert_eq!(a.read_all("c1", "", false), "done\n");
     assert_eq!(a.wait("c1", ""), 0);
     a.remove("c1", false).unwrap();
+    a.finish();
+}
+
+/// `linux.sysctl` is written after the mounts and before `/proc/sys` becomes read-only (runc's
+/// order): a namespaced network sysctl (the sandbox's own netns here) and an IPC one (the
+/// sandbox's IPC namespace) are set and visible inside, and `/proc/sys` is still read-only.
+/// Also: the workload does not inherit the helper's ignored SIGPIPE.
+#[test]
+fn sysctls_are_applied_before_proc_sys_is_read_only() {
+    require_root!();
+    let a = TestAgent::start("sysctl");
+    let mut s = spec(
+        &[
+            "sh",
+            "-c",
+            "cat /proc/sys/net/ipv4/ip_forward /proc/sys/kernel/shm_rmid_forced; \
+             echo 0 > /proc/sys/net/ipv4/ip_forward 2>/dev/null || echo ro-ok; \
+             grep SigIgn /proc/self/status",
+        ],
+        false,
+    );
+    s["linux"]["sysctl"] =
+        serde_json::json!({"net.ipv4.ip_forward": "1", "kernel.shm_rmid_forced": "1"});
+    a.create("c1", &s).unwrap();
+    a.start_c("c1");
+    let out = a.read_all("c1", "", false);
+    let ignored = out
+        .strip_prefix("1\n1\nro-ok\nSigIgn:\t")
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("{out:?}"));
+    // The test runner may pass ignored signals down; SIGPIPE must not be added to them.
+    assert_eq!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{out:?}");
+    assert_eq!(a.wait("c1", ""), 0);
+    a.remove("c1", false).unwrap();
+
+    // A sysctl the kernel refuses fails the create, naming it, and leaves nothing.
+    let mut bad = spec(&["true"], false);
+    bad["linux"]["sysctl"] = serde_json::json!({"net.ipv4.no_such_knob": "1"});
+    let e = a.create("c2", &bad).unwrap_err();
+    assert!(e.contains("sysctl net.ipv4.no_such_knob=1"), "{e}");
+    let e = a.remove("c2", true).unwrap_err();
+    assert!(e.contains("not found"), "{e}");
+    a.finish();
+}
+
+/// A SIGTERM that reaches a container's PID 1 before it installed its handler is held by the
+/// agent (the kernel would discard it: default disposition, init of a PID namespace) and
+/// delivered once the handler is in place. The test orders the steps itself: the workload
+/// blocks on stdin before its `trap`, the signal is sent while it blocks, and only then does
+/// the test let it go on.
+#[test]
+fn sigterm_before_the_handler_is_held_until_the_handler_exists() {
+    require_root!();
+    let a = TestAgent::start("sigwindow");
+    let script = "read x; trap 'echo got TERM; exit 42' TERM; echo trapped; sleep 1000 & wait $!";
+    a.create("c1", &spec(&["sh", "-c", script], false)).unwrap();
+    a.start_c("c1");
+    // Before the trap: the shell's SIGTERM disposition is the default one.
+    a.signal("c1", "", libc::SIGTERM as u32, false);
+    // Let the shell install the trap; the held SIGTERM then reaches its handler.
+    a.write_stdin("c1", "", b"go\n");
+    assert_eq!(a.read_all("c1", "", false), "trapped\ngot TERM\n");
+    assert_eq!(a.wait("c1", ""), 42);
+
+    // A signal the workload ignores is dropped (as the kernel does), not held; SIGKILL
+    // always goes straight through.
+    let script = "trap '' USR1; echo ignoring; read x; echo still here; read y";
+    a.create("c2", &spec(&["sh", "-c", script], false)).unwrap();
+    a.start_c("c2");
+    assert_eq!(a.read_until("c2", "", "ignoring\n"), "ignoring\n");
+    a.signal("c2", "", libc::SIGUSR1 as u32, false);
+    a.write_stdin("c2", "", b"go\n");
+    assert_eq!(a.read_until("c2", "", "still here\n"), "still here\n");
+    a.signal("c2", "", libc::SIGKILL as u32, false);
+    assert_eq!(a.wait("c2", ""), 137);
+
+    // Kill of a process that has exited: NOT_FOUND (containerd then treats the kill as done).
+    for (id, exec) in [("c1", ""), ("c2", "")] {
+        let e = a
+            .try_signal(id, exec, libc::SIGTERM as u32, false)
+            .unwrap_err();
+        assert_eq!(code(e), moat_protocol::ttrpc::Code::NOT_FOUND);
+    }
+    a.remove("c1", false).unwrap();
+    a.remove("c2", false).unwrap();
+    a.finish();
+}
+
+/// `share_pid_namespace_with`: a container joins another's PID namespace (a pod with
+/// shareProcessNamespace, whose containers join the pause container's) and sees its
+/// processes; a container without it sees only its own.
+#[test]
+fn containers_share_a_pid_namespace_when_asked() {
+    require_root!();
+    let a = TestAgent::start("sharepid");
+    a.create("pause", &spec(&["sleep", "1000"], false)).unwrap();
+    a.start_c("pause");
+    a.create_sharing(
+        "app",
+        &spec(&["sh", "-c", "cat /proc/1/comm; read x"], false),
+        "pause",
+    )
+    .unwrap();
+    a.start_c("app");
+    assert_eq!(a.read_until("app", "", "\n"), "sleep\n");
+    // An exec into the sharing container sees both containers' processes.
+    a.exec("app", "ps", &["ps", "-o", "comm"], false).unwrap();
+    let ps = a.read_all("app", "ps", false);
+    assert!(ps.contains("sleep") && ps.contains("sh"), "{ps}");
+    assert_eq!(a.wait("app", "ps"), 0);
+
+    // Without it: a PID namespace of its own.
+    a.create(
+        "alone",
+        &spec(&["sh", "-c", "cat /proc/1/comm; ps -o comm"], false),
+    )
+    .unwrap();
+    a.start_c("alone");
+    let out = a.read_all("alone", "", false);
+    assert!(out.starts_with("sh\n") && !out.contains("sleep"), "{out}");
+    assert_eq!(a.wait("alone", ""), 0);
+
+    // Unknown or exited containers are refused, and nothing is left of the attempt.
+    let e = a
+        .create_sharing("bad1", &spec(&["true"], false), "nope")
+        .unwrap_err();
+    assert!(e.contains("\"nope\"") && e.contains("not found"), "{e}");
+    let e = a
+        .create_sharing("bad2", &spec(&["true"], false), "alone")
+        .unwrap_err();
+    assert!(e.contains("has exited"), "{e}");
+    for id in ["bad1", "bad2"] {
+        assert!(a.remove(id, true).unwrap_err().contains("not found"));
+    }
+
+    // The namespace ends with its init: killing the pause container ends the app too.
+    a.signal("pause", "", libc::SIGKILL as u32, false);
+    assert_eq!(a.wait("pause", ""), 137);
+    assert_eq!(a.wait("app", ""), 137);
+    for id in ["app", "alone", "pause"] {
+        a.remove(id, false).unwrap();
+    }
     a.finish();
 }

@@ -48,6 +48,16 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The guest vsock port the agent serves on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The guest vsock port of the agent's port-forward relay: the shim sends one line,
+/// `PORT <n>\n` (at most [`FORWARD_HEADER_MAX`] bytes), the agent connects to `127.0.0.1:<n>`
+/// (then `[::1]:<n>`) in the sandbox's network namespace and answers `OK\n`, after which the
+/// stream carries the TCP connection's bytes both ways; or it answers `ERR <reason>\n` and
+/// closes.
+pub const FORWARD_VSOCK_PORT: u32 = 1025;
+
+/// The longest header or reply line of the port-forward relay, newline included.
+pub const FORWARD_HEADER_MAX: usize = 128;
+
 /// The agent's state directory in the guest (a tmpfs the agent mounts at start).
 pub const GUEST_STATE_DIR: &str = "/run/moat";
 

@@ -6,6 +6,7 @@ use containerd_shim_protos::ttrpc::{self, Code};
 use moat_protocol::protobuf::Enum;
 
 use crate::config::ConfigError;
+use crate::namespaces::NamespaceError;
 use crate::network::NetworkError;
 use crate::rootfs::RootfsError;
 use crate::sandbox::SandboxError;
@@ -77,6 +78,10 @@ pub enum TaskError {
     /// The spec names an unusable network namespace.
     #[error(transparent)]
     Netns(#[from] NetworkError),
+    /// The spec asks for what a VM pod cannot do (the host's namespaces, propagation back to
+    /// the host), or for a pid namespace that is not the pod's.
+    #[error(transparent)]
+    VmLimit(#[from] NamespaceError),
     /// The pod VM could not be launched.
     #[error(transparent)]
     Launch(#[from] LaunchError),
@@ -134,6 +139,7 @@ impl TaskError {
             | Self::ReadSpec { .. }
             | Self::ParseSpec { .. }
             | Self::Netns(_)
+            | Self::VmLimit(_)
             | Self::GuestSpec(_)
             | Self::Launch(LaunchError::Config(_)) => Code::INVALID_ARGUMENT,
             // Keep the agent's status code (NOT_FOUND, INVALID_ARGUMENT, …) so containerd maps

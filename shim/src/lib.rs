@@ -5,8 +5,9 @@
 //! edge) → [`process`] (containers, processes, exit monitoring; stdio relays in [`io`]) and
 //! [`pod`] (the pod VM's lifecycle, behind [`pod::PodVm`]) → [`sandbox`] (the moat-vmm pod VM:
 //! process, agent connection, state directory) → [`network`] (the pod netns bridged to the VM's
-//! NICs, over [`netns`]). Beside them: [`rootfs`] (container files shared with the agent) and
-//! [`mounts`] (unmounting below a directory); [`events`] (the ordered event channel to
+//! NICs, over [`netns`]). Beside them: [`rootfs`] (container files shared with the agent),
+//! [`namespaces`] (CRI namespaces and propagation: translated, or refused where a VM cannot do
+//! them) and [`mounts`] (unmounting below a directory); [`events`] (the ordered event channel to
 //! containerd), [`oom`] (OOM events), [`metrics`] (stats for containerd), [`error`] (Task errors
 //! and their ttrpc codes), [`config`] (the TOML configuration).
 
@@ -16,10 +17,12 @@ pub mod events;
 mod io;
 mod metrics;
 mod mounts;
+mod namespaces;
 mod netns;
 pub mod network;
 mod oom;
 pub mod pod;
+pub mod portforward;
 mod process;
 mod rootfs;
 mod sandbox;

@@ -16,6 +16,7 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::protobuf::CodedInputStream;
 use moat_protocol::agent as pb;
 use moat_protocol::agent_ttrpc_async::AgentClient;
+use moat_protocol::connect::AgentAddress;
 use serde_json::Value;
 use tokio::sync::Mutex;
 use tracing::info;
@@ -25,6 +26,7 @@ use crate::error::{LaunchError, TaskError};
 use crate::events::EventSender;
 use crate::network;
 use crate::oom;
+use crate::portforward::Forwarder;
 use crate::rootfs;
 use crate::sandbox::{Sandbox, SandboxSpec};
 
@@ -52,6 +54,11 @@ pub trait PodVm: Send + Sync {
     async fn wait_exited(&self);
     /// Stops the VM and removes its state (what [`PodVm::shared_dir`] holds included).
     async fn stop(&self);
+    /// Where the agent's port-forward relay is reached ([`crate::portforward`]); `None`: no
+    /// port-forward.
+    fn forward_address(&self) -> Option<AgentAddress> {
+        None
+    }
 }
 
 /// What a pod VM is launched with.
@@ -141,6 +148,13 @@ impl PodVm for Sandbox {
     async fn stop(&self) {
         Sandbox::stop(self).await;
     }
+
+    fn forward_address(&self) -> Option<AgentAddress> {
+        Some(AgentAddress::HybridVsock {
+            uds: self.dir.join("vsock.sock"),
+            port: moat_protocol::FORWARD_VSOCK_PORT,
+        })
+    }
 }
 
 /// The pod a container with `spec` belongs to: the CRI sandbox id, or `container_id` itself.
@@ -175,6 +189,8 @@ pub struct Pod {
     launcher: Box<dyn PodLauncher>,
     events: EventSender,
     vm: Arc<Mutex<Option<Arc<dyn PodVm>>>>,
+    /// The pod's port-forward (pods with a netns path); dropped before the VM stops.
+    forward: Arc<std::sync::Mutex<Option<Forwarder>>>,
 }
 
 impl Pod {
@@ -186,6 +202,7 @@ impl Pod {
             launcher,
             events,
             vm: Arc::new(Mutex::new(None)),
+            forward: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -219,6 +236,10 @@ impl Pod {
         };
         let vm = self.launcher.launch(&pod).await?;
         oom::spawn_watcher(vm.agent().clone(), self.events.clone());
+        if let (Some(netns), Some(guest)) = (pod.netns.clone(), vm.forward_address()) {
+            let f = Forwarder::spawn(netns, vm.agent().clone(), guest);
+            *self.forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
+        }
         *slot = Some(vm.clone());
         Ok(vm)
     }
@@ -238,6 +259,12 @@ impl Pod {
         self.current().await.map(|vm| vm.pid()).unwrap_or(0)
     }
 
+    /// Ends the pod's port-forward: its listeners close, its relays end.
+    fn stop_forwarding(&self) {
+        let mut slot = self.forward.lock().unwrap_or_else(|p| p.into_inner());
+        drop(slot.take());
+    }
+
     /// Stops the VM unless containers are left (`in_use`): after a failed create or the last
     /// delete.
     pub async fn stop_if_unused(&self, in_use: bool) {
@@ -245,6 +272,7 @@ impl Pod {
             return;
         }
         let vm = self.vm.lock().await.take();
+        self.stop_forwarding();
         if let Some(vm) = vm {
             vm.stop().await;
         }
@@ -254,8 +282,10 @@ impl Pod {
     /// bounds `Shutdown` with a short deadline, and stopping a guest can take longer.
     pub fn shut_down(&self, exit: Arc<ExitSignal>) {
         let slot = self.vm.clone();
+        let forward = self.forward.clone();
         tokio::spawn(async move {
             let vm = slot.lock().await.take();
+            drop(forward.lock().unwrap_or_else(|p| p.into_inner()).take());
             if let Some(vm) = vm {
                 vm.stop().await;
             }

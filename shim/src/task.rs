@@ -29,6 +29,7 @@ use crate::error::TaskError;
 use crate::events::{self, EventSender};
 use crate::io::Stdio;
 use crate::metrics;
+use crate::namespaces;
 use crate::pod::{Pod, PodLauncher, PodVm, VmmLauncher};
 use crate::process::{self, Container, Exit, Process, Registry};
 use crate::rootfs;
@@ -67,12 +68,16 @@ impl TaskService {
         }
     }
 
-    /// Mounts the container's files into the VM's shared directory and creates it in the agent.
+    /// Mounts the container's files into the VM's shared directory and creates it in the agent
+    /// (in the pod's sandbox container's pid namespace when `spec` shares the pod's).
     async fn create_in_vm(
         &self,
         vm: &dyn PodVm,
         req: &api::CreateTaskRequest,
+        spec: &Value,
     ) -> Result<(), TaskError> {
+        let share_pid_namespace_with =
+            namespaces::pid_namespace_owner(spec, vm.pid())?.unwrap_or_default();
         let shared = vm.shared_dir();
         let bundle = Path::new(&req.bundle);
         let rel = rootfs::mount_rootfs(&shared, &req.id, bundle, &req.rootfs)
@@ -83,6 +88,7 @@ impl TaskService {
             container_id: req.id.clone(),
             oci_spec: spec,
             rootfs: MessageField::some(vm.rootfs(&rel)),
+            share_pid_namespace_with,
             ..Default::default()
         };
         vm.agent()
@@ -98,11 +104,13 @@ impl TaskService {
             return Err(TaskError::AlreadyExists(format!("container {}", req.id)));
         }
         let spec = read_spec(&req.bundle)?;
+        // Before anything is made: a refused pod leaves no VM and no files behind.
+        namespaces::check_vm_limits(&spec)?;
         let vm = self
             .pod
             .ensure(&req.id, req.options.as_ref(), &spec)
             .await?;
-        if let Err(e) = self.create_in_vm(vm.as_ref(), req).await {
+        if let Err(e) = self.create_in_vm(vm.as_ref(), req, &spec).await {
             rootfs::remove_container_files(&vm.shared_dir(), &req.id);
             self.pod.stop_if_unused(!self.containers.is_empty()).await;
             return Err(e);

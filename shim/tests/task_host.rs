@@ -377,11 +377,11 @@ async fn next<M: containerd_shim_protos::protobuf::MessageFull + Clone>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_start_exec_kill_delete_against_a_host_agent() {
     if !is_root() {
-        eprintln!("skipped: needs root (namespaces, mounts, cgroups)");
+        moat_test_support::skip("needs root (namespaces, mounts, cgroups)");
         return;
     }
     if !Path::new("/bin/busybox").exists() {
-        eprintln!("skipped: needs busybox-static at /bin/busybox");
+        moat_test_support::skip("needs busybox-static at /bin/busybox");
         return;
     }
     let root = std::env::temp_dir().join(format!("moat-shim-task-host-{}", std::process::id()));
@@ -590,4 +590,215 @@ fn cgroup2_root() -> Option<PathBuf> {
         (post.split_whitespace().next()? == "cgroup2")
             .then(|| PathBuf::from(pre.split_whitespace().nth(4).unwrap_or("/")))
     })
+}
+
+/// A CRI-style bundle: `kind` (`sandbox` or `container`) of pod `pod`, with these namespaces and
+/// extra mounts.
+fn cri_bundle(
+    dir: &Path,
+    args: &[&str],
+    kind: &str,
+    pod: &str,
+    namespaces: Value,
+    extra_mounts: &[Value],
+) -> PathBuf {
+    bundle(dir, args);
+    let path = dir.join("config.json");
+    let mut spec: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    spec["annotations"] = json!({
+        "io.kubernetes.cri.container-type": kind,
+        "io.kubernetes.cri.sandbox-id": pod,
+    });
+    spec["linux"]["namespaces"] = namespaces;
+    for m in extra_mounts {
+        spec["mounts"].as_array_mut().unwrap().push(m.clone());
+    }
+    std::fs::write(&path, spec.to_string()).unwrap();
+    dir.to_owned()
+}
+
+/// CRI pods: what a VM cannot do (the host's PID/IPC/network namespace, Bidirectional mount
+/// propagation) is refused at create with INVALID_ARGUMENT before anything is made; a pod that
+/// shares its PID namespace (`/proc/<sandbox pid>/ns/pid` in the container's spec) runs its
+/// containers in the sandbox container's PID namespace in the guest, and a container without
+/// it keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_pods_share_the_pid_namespace_and_refuse_host_namespaces() {
+    if !is_root() || !Path::new("/bin/busybox").exists() {
+        moat_test_support::skip("needs root and busybox-static at /bin/busybox");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("moat-shim-cri-pod-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let report = Arc::new(Mutex::new(StopReport::default()));
+    let (tx, _events) = mpsc::unbounded_channel();
+    let exit = Arc::new(ExitSignal::default());
+    let task = TaskService::with_backend(
+        NS,
+        Box::new(HostLauncher {
+            root: root.clone(),
+            report: report.clone(),
+        }),
+        forwarder(NS, Recorder(tx)),
+        exit.clone(),
+    );
+    let pod_ns = || {
+        json!([{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+               {"type": "network"}])
+    };
+    let create = |id: &str, bundle: &Path, stdout: String| api::CreateTaskRequest {
+        id: id.into(),
+        bundle: bundle.display().to_string(),
+        stdout,
+        ..Default::default()
+    };
+    let refused = |e: RpcError| match e {
+        RpcError::RpcStatus(s) => {
+            assert_eq!(s.code.enum_value_or(Code::UNKNOWN), Code::INVALID_ARGUMENT);
+            s.message
+        }
+        e => panic!("not a status: {e}"),
+    };
+
+    // hostPID / hostNetwork sandboxes and a Bidirectional mount: refused, no VM booted.
+    for (typ, setting) in [("pid", "hostPID"), ("network", "hostNetwork")] {
+        let mut ns = pod_ns();
+        ns.as_array_mut().unwrap().retain(|n| n["type"] != typ);
+        let b = cri_bundle(
+            &root.join(format!("host-{typ}")),
+            &["true"],
+            "sandbox",
+            "pod1",
+            ns,
+            &[],
+        );
+        let m = refused(
+            task.create(&ctx(), create("pod1", &b, String::new()))
+                .await
+                .unwrap_err(),
+        );
+        assert!(m.starts_with(setting) && m.contains("own VM"), "{m}");
+    }
+    let b = cri_bundle(
+        &root.join("bidi"),
+        &["true"],
+        "sandbox",
+        "pod1",
+        pod_ns(),
+        &[
+            json!({"destination": "/data", "type": "bind", "source": "/tmp",
+                 "options": ["rbind", "rshared"]}),
+        ],
+    );
+    let m = refused(
+        task.create(&ctx(), create("pod1", &b, String::new()))
+            .await
+            .unwrap_err(),
+    );
+    assert!(m.contains("(/data)") && m.contains("Bidirectional"), "{m}");
+    assert!(!root.join("pods").exists(), "a refused pod booted a VM");
+    let state_req = api::StateRequest {
+        id: "pod1".into(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(task.state(&ctx(), state_req).await.unwrap_err()),
+        Code::NOT_FOUND
+    );
+
+    // The pod: its sandbox ("pause": sleep), then a container sharing its pid namespace and
+    // one with its own.
+    let b = cri_bundle(
+        &root.join("pause"),
+        &["sleep", "1000"],
+        "sandbox",
+        "pod1",
+        pod_ns(),
+        &[],
+    );
+    let pid = task
+        .create(&ctx(), create("pod1", &b, String::new()))
+        .await
+        .unwrap()
+        .pid;
+    let start = |id: &str| api::StartRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    task.start(&ctx(), start("pod1")).await.unwrap();
+    // As containerd writes them: /proc/<sandbox task pid>/ns/<file>.
+    let joined = |t: &str, f: &str| json!({"type": t, "path": format!("/proc/{pid}/ns/{f}")});
+    let shared_ns = json!([joined("pid", "pid"), joined("ipc", "ipc"), joined("uts", "uts"),
+                           joined("network", "net"), {"type": "mount"}]);
+    let own_ns = json!([{"type": "pid"}, joined("ipc", "ipc"), joined("uts", "uts"),
+                        joined("network", "net"), {"type": "mount"}]);
+    for (id, ns, want) in [("shared", shared_ns, "sleep\n"), ("own", own_ns, "cat\n")] {
+        let b = cri_bundle(
+            &root.join(id),
+            &["cat", "/proc/1/comm"],
+            "container",
+            "pod1",
+            ns,
+            &[],
+        );
+        let out = out_file(&root, &format!("{id}.out"));
+        task.create(&ctx(), create(id, &b, out.clone()))
+            .await
+            .unwrap();
+        task.start(&ctx(), start(id)).await.unwrap();
+        assert_eq!(wait(&task, id, "").await, 0);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), want, "{id}");
+    }
+    // A pid namespace path that is not the pod's is refused.
+    let b = cri_bundle(
+        &root.join("foreign"),
+        &["true"],
+        "container",
+        "pod1",
+        json!([{"type": "pid", "path": "/proc/1/ns/pid"}, {"type": "mount"}]),
+        &[],
+    );
+    let m = refused(
+        task.create(&ctx(), create("foreign", &b, String::new()))
+            .await
+            .unwrap_err(),
+    );
+    assert!(m.contains("/proc/1/ns/pid"), "{m}");
+
+    // Tear the pod down: nothing is left.
+    let kill = api::KillRequest {
+        id: "pod1".into(),
+        signal: libc::SIGKILL as u32,
+        ..Default::default()
+    };
+    task.kill(&ctx(), kill).await.unwrap();
+    assert_eq!(wait(&task, "pod1", "").await, 137);
+    for id in ["shared", "own", "pod1"] {
+        let del = api::DeleteRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        task.delete(&ctx(), del).await.unwrap();
+    }
+    task.shutdown(&ctx(), api::ShutdownRequest::default())
+        .await
+        .unwrap();
+    tokio::time::timeout(LIMIT, exit.wait())
+        .await
+        .expect("the shim exits after Shutdown");
+    drop(task);
+    let report = report.lock().unwrap();
+    assert!(report.stopped, "the pod was stopped");
+    assert_eq!(
+        report.children_at_stop.trim(),
+        "",
+        "agent still had children"
+    );
+    assert_eq!(mounts_below(&root), Vec::<String>::new());
+    assert!(
+        !root.join("pods").join("pod1").exists(),
+        "pod directory left"
+    );
+    std::fs::remove_dir_all(&root).unwrap();
 }

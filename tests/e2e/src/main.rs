@@ -8,10 +8,12 @@
 
 mod agent;
 mod cli;
+mod escape;
 mod faults;
 mod guest;
 mod kvm_smoke;
 mod net;
+mod portforward;
 mod shim;
 mod vmm;
 
@@ -31,6 +33,8 @@ fn all_trials() -> Vec<moat_e2e::Trial> {
     trials.extend(cli::trials());
     trials.extend(faults::trials());
     trials.extend(net::trials());
+    trials.extend(portforward::trials());
+    trials.extend(escape::trials());
     trials
 }
 
