@@ -5,7 +5,7 @@
 //! the guest kernel and initramfs (present, the right format, the kernel built with what moat
 //! needs); containerd, its version, the shim on its PATH and the runtime in its config; cgroup v2
 //! and namespaces; the host kernel features the shim's pod network needs (tc ingress qdisc, u32
-//! classifier, mirred action, tun/tap: [`moat_shim::network::HOST_FEATURES`]) and overlayfs (the
+//! classifier, mirred action, tun/tap: [`moat_shim::host_features::HOST_FEATURES`]) and overlayfs (the
 //! snapshot mounts of containerd's default snapshotter, which the shim mounts). No vsock module
 //! is needed on the host: moat-vmm's virtio-vsock is a userspace device behind a Unix socket
 //! (hybrid vsock), not `vhost_vsock`.
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use moat_shim::config::Config;
-use moat_shim::network::{module_state, HostFeature, ModuleState, HOST_FEATURES};
+use moat_shim::host_features::{module_state, HostFeature, ModuleState, HOST_FEATURES};
 
 /// How an item turned out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

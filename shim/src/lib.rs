@@ -14,6 +14,7 @@
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod host_features;
 mod io;
 mod metrics;
 mod mounts;
