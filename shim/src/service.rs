@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
-use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
+use containerd_shim::asynchronous::{ExitSignal, Shim};
 use containerd_shim::util::{timestamp, write_str_to_file};
 use containerd_shim::{
     socket_address, Config as ShimConfig, DeleteResponse, Error, Flags, StartOpts,
@@ -98,7 +98,7 @@ impl Shim for Service {
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
         // containerd runs `start` in the bundle directory.
         let grouping = sandbox_id_of(Path::new("."), &opts.id);
-        let address = spawn(opts, &grouping, Vec::new()).await?;
+        let address = spawn(&opts, &grouping).await?;
         write_str_to_file("address", &address).await?;
         Ok(address)
     }
@@ -143,4 +143,53 @@ impl Shim for Service {
         init_logging();
         TaskService::new(&self.namespace, publisher, self.exit.clone())
     }
+}
+
+/// Starts the long-running shim server for `grouping` (the pod) and returns its address: what
+/// `containerd_shim::asynchronous::spawn` does, less its reading of `start`'s standard input as
+/// runc's options. containerd hands `start` the runtime's options there; from containerd 2.x on
+/// they arrive for every runtime, and moat's (`ConfigPath`, read at Create) are not runc's, so
+/// the library's parse failed every pod with a protobuf error. moat takes no shim cgroup from
+/// them; the server gets the OOM score the library would give it.
+async fn spawn(opts: &StartOpts, grouping: &str) -> Result<String, Error> {
+    let io = |context: &'static str| {
+        move |err: std::io::Error| Error::IoError {
+            context: context.to_owned(),
+            err,
+        }
+    };
+    let exe = std::env::current_exe().map_err(io("finding the shim binary"))?;
+    let cwd = std::env::current_dir().map_err(io("reading the bundle directory"))?;
+    let address = socket_address(&opts.address, &opts.namespace, grouping);
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .current_dir(cwd)
+        .stdout(std::process::Stdio::piped())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .args([
+            "-namespace",
+            &opts.namespace,
+            "-id",
+            &opts.id,
+            "-address",
+            &opts.address,
+            "-socket",
+            &address,
+        ]);
+    if opts.debug {
+        command.arg("-debug");
+    }
+    let mut child = command.spawn().map_err(io("starting the shim server"))?;
+    if let Some(pid) = child.id() {
+        containerd_shim::cgroup::adjust_oom_score(pid)?;
+    }
+    // The server closes its standard output once it serves (or, for a pod whose server runs
+    // already, once it has pointed `address` at that one).
+    if let Some(mut out) = child.stdout.take() {
+        tokio::io::copy(&mut out, &mut tokio::io::stderr())
+            .await
+            .map_err(io("waiting for the shim server to serve"))?;
+    }
+    Ok(address)
 }
