@@ -20,7 +20,9 @@
 
 use serde_json::Value;
 
-use crate::pod::SANDBOX_ID_ANNOTATION;
+/// The CRI annotation (containerd 1.6 and 2.x) naming the pod's sandbox container: every
+/// container of a pod carries it, and one shim serves the whole pod.
+pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 /// The CRI annotation that says whether a container is the pod's sandbox (`sandbox`) or one of
 /// its containers (`container`).

@@ -24,14 +24,12 @@ use tracing::info;
 use crate::config::Config;
 use crate::error::{LaunchError, TaskError};
 use crate::events::EventSender;
+use crate::namespaces::SANDBOX_ID_ANNOTATION;
 use crate::network;
 use crate::oom;
 use crate::portforward::Forwarder;
 use crate::rootfs;
 use crate::sandbox::{Sandbox, SandboxSpec};
-
-/// The CRI annotation that groups a pod's containers into one shim and one VM.
-pub const SANDBOX_ID_ANNOTATION: &str = "io.kubernetes.cri.sandbox-id";
 
 /// A running pod VM, as the Task service uses it.
 #[async_trait]
