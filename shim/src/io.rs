@@ -38,11 +38,22 @@ pub struct Relays {
 }
 
 impl Relays {
-    /// Waits for every output relay to reach end of stream.
-    pub async fn drained(self) {
-        for h in self.outputs {
-            let _ = h.await;
+    /// Waits up to `limit` for every output relay to reach end of stream, then cuts the ones
+    /// still running: their FIFOs close, so containerd's readers (which containerd 2.x waits
+    /// for before it deletes a task) see end of file even when something in the guest still
+    /// holds the process's output open. Returns whether the relays drained by themselves.
+    pub async fn drain_or_cut(mut self, limit: std::time::Duration) -> bool {
+        let drained = tokio::time::timeout(limit, async {
+            for h in &mut self.outputs {
+                let _ = h.await;
+            }
+        })
+        .await
+        .is_ok();
+        for h in &self.outputs {
+            h.abort();
         }
+        drained
     }
 }
 

@@ -311,9 +311,10 @@ pub fn started(vm: Arc<dyn PodVm>, id: &str, process: Arc<Process>, events: Even
         };
         // Output still in flight comes through the VM: once the VM is gone there is none.
         tokio::select! {
-            res = tokio::time::timeout(DRAIN_LIMIT, relays.drained()) => if res.is_err() {
+            drained = relays.drain_or_cut(DRAIN_LIMIT) => if !drained {
                 warn!(
-                    "output of {id}/{exec_id} still flowing {DRAIN_LIMIT:?} after exit; reporting exit"
+                    "output of {id}/{exec_id} still flowing {DRAIN_LIMIT:?} after exit; \
+                     closing it and reporting exit"
                 );
             },
             _ = vm.wait_exited() => {}
