@@ -14,7 +14,6 @@
 //! and run with `--test-threads 1` (one sandbox per agent). Checks that need
 //! to see the agent's machine (its children, mounts, cgroups) are skipped.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -41,28 +40,6 @@ macro_rules! require_root {
 
 fn ctx() -> context::Context {
     context::with_timeout(Duration::from_secs(60).as_nanos() as i64)
-}
-
-/// A busybox-static rootfs in a fresh directory.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("busybox-static installed at /bin/busybox");
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n",
-    )
-    .unwrap();
-    root
 }
 
 /// The remote agent, if the environment names one.
@@ -115,20 +92,10 @@ impl TestAgent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Wait for the "serving" log line, then keep echoing the log.
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        loop {
-            let line = lines.next().expect("agent exited before serving").unwrap();
-            eprintln!("{line}");
-            if line.contains("serving protocol") {
-                break;
-            }
-        }
-        std::thread::spawn(move || {
-            for l in lines.map_while(Result::ok) {
-                eprintln!("{l}");
-            }
-        });
+        assert!(
+            moat_test_support::wait_serving(child.stderr.take().unwrap()),
+            "agent exited before serving"
+        );
         let client = connect_sync(&AgentAddress::Unix(sock), Duration::from_secs(5)).unwrap();
         Self::with_sandbox(name, Some(child), dir, client)
     }
@@ -173,7 +140,7 @@ impl TestAgent {
         if let Some(r) = remote() {
             let root = r.dir.join("rootfs");
             if !root.join("bin/busybox").exists() {
-                busybox_rootfs(&r.dir);
+                moat_test_support::busybox_rootfs(&r.dir);
             }
             return root;
         }
@@ -181,7 +148,7 @@ impl TestAgent {
         if r.exists() {
             r
         } else {
-            busybox_rootfs(&self.dir)
+            moat_test_support::busybox_rootfs(&self.dir)
         }
     }
 

@@ -6,7 +6,6 @@
 //! MTU, addresses and routes. Checked from outside with iproute2. Needs root
 //! and iproute2 (skipped with a message otherwise).
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -78,23 +77,7 @@ impl NetnsAgent {
                 panic!("starting the agent: {e}");
             }
         };
-        let stderr = child.stderr.take().unwrap();
-        // Built now so that Drop cleans up whatever fails below.
-        let mut lines = BufReader::new(stderr).lines();
-        let mut serving = false;
-        for line in lines.by_ref() {
-            let Ok(line) = line else { break };
-            eprintln!("{line}");
-            if line.contains("serving protocol") {
-                serving = true;
-                break;
-            }
-        }
-        std::thread::spawn(move || {
-            for l in lines.map_while(Result::ok) {
-                eprintln!("{l}");
-            }
-        });
+        let serving = moat_test_support::wait_serving(child.stderr.take().unwrap());
         if !serving {
             let _ = child.kill();
             let _ = child.wait();

@@ -5,8 +5,7 @@
 //! half-close, many concurrent connections, a refused port, hostile headers and the bound on
 //! concurrent connections. Needs root and `/bin/busybox` (busybox-static); skipped otherwise.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::symlink;
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -27,24 +26,6 @@ fn is_root() -> bool {
 
 fn ctx() -> context::Context {
     context::with_timeout(LIMIT.as_nanos() as i64)
-}
-
-/// A busybox-static rootfs in `dir`.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "dev", "tmp", "etc", "www"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\n").unwrap();
-    std::fs::write(root.join("www/index.html"), "hello from the sandbox\n").unwrap();
-    root
 }
 
 fn spec(args: &[&str]) -> serde_json::Value {
@@ -93,19 +74,10 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        loop {
-            let line = lines.next().expect("agent exited before serving").unwrap();
-            eprintln!("{line}");
-            if line.contains("serving protocol") {
-                break;
-            }
-        }
-        std::thread::spawn(move || {
-            for l in lines.map_while(Result::ok) {
-                eprintln!("{l}");
-            }
-        });
+        assert!(
+            moat_test_support::wait_serving(child.stderr.take().unwrap()),
+            "agent exited before serving"
+        );
         let client = connect_sync(&AgentAddress::Unix(sock), LIMIT).unwrap();
         let a = Self {
             child,
@@ -125,7 +97,9 @@ impl Agent {
     fn run(&self, id: &str, args: &[&str]) {
         let root = self.dir.join("rootfs");
         if !root.exists() {
-            busybox_rootfs(&self.dir);
+            moat_test_support::busybox_rootfs(&self.dir);
+            std::fs::create_dir_all(root.join("www")).unwrap();
+            std::fs::write(root.join("www/index.html"), "hello from the sandbox\n").unwrap();
         }
         let mut rootfs = pb::Rootfs::new();
         let mut hp = pb::HostPathRootfs::new();

@@ -11,7 +11,6 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -46,24 +45,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
-}
-
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("MOAT_AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary below <target>/<profile>/deps")
-        .join("moat-agent");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo build -p moat-agent, or set MOAT_AGENT_BIN",
-        bin.display()
-    );
-    bin
 }
 
 /// A host netns named `name` with `lo` up; deleted on drop.
@@ -146,17 +127,7 @@ fn data(seed: u64, len: usize) -> Vec<u8> {
 
 /// An OCI bundle in `dir` whose init runs `args` in the pod netns `netns`.
 fn bundle(dir: &Path, args: &[&str], netns: &str) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "dev", "tmp", "etc"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
-    let list = Command::new("/bin/busybox").arg("--list").output().unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
+    moat_test_support::busybox_rootfs(dir);
     let spec = json!({
         "ociVersion": "1.0.2",
         "process": {"user": {"uid": 0, "gid": 0}, "args": args, "env": ["PATH=/bin"], "cwd": "/"},
@@ -192,7 +163,7 @@ impl PodLauncher for HostLauncher {
         let dir = self.root.join("pods").join(&spec.id);
         std::fs::create_dir_all(dir.join("shared")).map_err(|e| fail(e.into()))?;
         let sock = dir.join("agent.sock");
-        let mut child = tokio::process::Command::new(agent_binary())
+        let mut child = tokio::process::Command::new(moat_test_support::agent_binary())
             .arg("--listen")
             .arg(format!("unix://{}", sock.display()))
             .arg("--forward-listen")

@@ -12,7 +12,6 @@
 //! (built by `cargo build --workspace`, which scripts/test runs); the test fails naming it when it
 //! is missing.
 
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -51,47 +50,6 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// The moat-agent binary to run (see the module docs).
-fn agent_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("MOAT_AGENT_BIN") {
-        return PathBuf::from(p);
-    }
-    // This test runs as <target>/<profile>/deps/task_host-<hash>.
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary below <target>/<profile>/deps");
-    let bin = profile_dir.join("moat-agent");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p moat-agent; scripts/test does) or set MOAT_AGENT_BIN",
-        bin.display()
-    );
-    bin
-}
-
-/// A busybox-static rootfs in `dir/rootfs`.
-fn busybox_rootfs(dir: &Path) -> PathBuf {
-    let root = dir.join("rootfs");
-    for d in ["bin", "proc", "dev", "sys", "tmp", "etc", "root"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
-        .expect("busybox-static installed at /bin/busybox");
-    let list = std::process::Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .unwrap();
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if applet != "busybox" {
-            symlink("busybox", root.join("bin").join(applet)).unwrap();
-        }
-    }
-    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
-    root
-}
-
 const CAPS: &[&str] = &["CAP_CHOWN", "CAP_KILL", "CAP_SETUID", "CAP_SETGID"];
 
 /// An OCI process.
@@ -110,7 +68,7 @@ fn process(args: &[&str]) -> Value {
 /// An OCI bundle `dir` with a busybox rootfs whose init runs `args`.
 fn bundle(dir: &Path, args: &[&str]) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    busybox_rootfs(dir);
+    moat_test_support::busybox_rootfs(dir);
     let spec = json!({
         "ociVersion": "1.0.2",
         "process": process(args),
@@ -160,7 +118,7 @@ impl PodLauncher for HostLauncher {
         let dir = self.root.join("pods").join(&spec.id);
         std::fs::create_dir_all(dir.join("shared")).map_err(|e| fail(e.into()))?;
         let sock = dir.join("agent.sock");
-        let mut child = tokio::process::Command::new(agent_binary())
+        let mut child = tokio::process::Command::new(moat_test_support::agent_binary())
             .arg("--listen")
             .arg(format!("unix://{}", sock.display()))
             .arg("--state-dir")
