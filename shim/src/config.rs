@@ -138,6 +138,21 @@ impl Config {
             path: path.to_owned(),
             what: what.to_owned(),
         };
+        // The shim runs in a directory of containerd's choosing: a relative path would be
+        // resolved against it, never against where the file was written.
+        for (key, value) in [
+            ("vmm", &config.vmm),
+            ("kernel", &config.kernel),
+            ("initrd", &config.initrd),
+            ("state_dir", &config.state_dir),
+        ] {
+            if !value.is_absolute() {
+                return Err(invalid(&format!(
+                    "{key} must be an absolute path, not {}",
+                    value.display()
+                )));
+            }
+        }
         if config.vcpus == 0 {
             return Err(invalid("vcpus must be at least 1"));
         }
@@ -194,6 +209,10 @@ mod tests {
             "memory_mib = 1",
             "log_level = \"loud\"",
             "vcpus = \"x\"",
+            "vmm = \"target/debug/moat-vmm\"",
+            "kernel = \"vmlinux\"",
+            "initrd = \"./initramfs.cpio\"",
+            "state_dir = \"run\"",
         ] {
             assert!(Config::parse(bad, Path::new("x.toml")).is_err(), "{bad}");
         }
