@@ -5,6 +5,8 @@
  *   probe handles PATH          (f) open_by_handle_at with the real and with forged handles
  *   probe flood DIR N M RELEASE (h) N files created and held open in DIR, M vsock connects to the
  *                               host, held until the file RELEASE exists (at most 600 s)
+ *   probe vsock                 (i) connect to the agent's vsock ports (1024 ttrpc, 1025
+ *                               port-forward) at the local, the guest's own and the host CID
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -16,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -177,6 +180,38 @@ static int flood(const char *dir, int nfiles, int nvsock, const char *release)
 	return 0;
 }
 
+/* One connect to cid:port with a bounded wait; prints its errno (0: connected, a breach). */
+static void try_vsock(unsigned cid, unsigned port)
+{
+	int s = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (s < 0) {
+		printf("ESC i-connect cid=%u port=%u rc=%d socket\n", cid, port, errno);
+		return;
+	}
+	struct timeval tv = {3, 0};
+	setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof tv);
+	struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port};
+	int rc = connect(s, (struct sockaddr *)&a, sizeof a) == 0 ? 0 : errno;
+	printf("ESC i-connect cid=%u port=%u rc=%d\n", cid, port, rc);
+	close(s);
+}
+
+static int vsock(void)
+{
+	unsigned own = 3;
+	int dev = open("/dev/vsock", O_RDONLY | O_CLOEXEC);
+	if (dev >= 0) {
+		ioctl(dev, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &own);
+		close(dev);
+	}
+	printf("ESC i-own-cid %u\n", own);
+	unsigned cids[] = {VMADDR_CID_LOCAL, own, VMADDR_CID_HOST};
+	for (unsigned c = 0; c < sizeof cids / sizeof cids[0]; c++)
+		for (unsigned port = 1024; port <= 1025; port++)
+			try_vsock(cids[c], port);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -184,6 +219,8 @@ int main(int argc, char **argv)
 		return handles(argv[2]);
 	if (argc == 6 && strcmp(argv[1], "flood") == 0)
 		return flood(argv[2], atoi(argv[3]), atoi(argv[4]), argv[5]);
-	fprintf(stderr, "usage: probe handles PATH | probe flood DIR N M RELEASE\n");
+	if (argc == 2 && strcmp(argv[1], "vsock") == 0)
+		return vsock();
+	fprintf(stderr, "usage: probe handles PATH | probe flood DIR N M RELEASE | probe vsock\n");
 	return 2;
 }

@@ -17,7 +17,7 @@
 //!   cannot make such a node usable by other host users.
 //!
 //! `link` and `rename` of existing device nodes stay allowed: they create no new device and
-//! give no access to one.
+//! give no access to one. `link` is served by [`super::fs_link`], not by the server.
 //!
 //! It also keeps the guest from leaving privilege behind on the host. A writable volume is an
 //! ordinary host directory outside the share (an emptyDir, a hostPath): the share's copy of it
@@ -52,6 +52,8 @@ use fuse_backend_rs::api::filesystem::{
     ZeroCopyReader, ZeroCopyWriter,
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
+
+use super::fs_link::{self, HostPath};
 
 /// Attribute changes refused on a device node: mode, owner, group and size.
 const SETATTR_GUARDED: SetattrValid = SetattrValid::MODE
@@ -138,7 +140,7 @@ fn writes(flags: u32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
-impl<F: FileSystem> FileSystem for PolicyFs<F> {
+impl<F: FileSystem + HostPath> FileSystem for PolicyFs<F> {
     type Inode = F::Inode;
     type Handle = F::Handle;
 
@@ -266,7 +268,8 @@ impl<F: FileSystem> FileSystem for PolicyFs<F> {
         newparent: Self::Inode,
         newname: &CStr,
     ) -> io::Result<Entry> {
-        self.inner.link(ctx, inode, newparent, newname)
+        // Not the server's own link: it needs a capability the jailed VMM lacks (see fs_link).
+        fs_link::link(&self.inner, ctx, inode.into(), newparent.into(), newname)
     }
 
     fn open(

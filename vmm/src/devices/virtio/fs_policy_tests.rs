@@ -262,3 +262,86 @@ fn existing_device_nodes_are_never_opened_or_changed() {
     fs.rename(&root, ROOT_ID, &c("null2"), ROOT_ID, &c("null3"), 0)
         .unwrap();
 }
+
+/// Drops `CAP_DAC_READ_SEARCH` from the calling thread's effective set (capabilities are per
+/// thread), as the jailed VMM lacks it in the initial user namespace.
+fn drop_dac_read_search() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let mut h = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let mut d = [Data::default(); 2];
+    // SAFETY: `h` and `d` have the layout capget(2) expects for version 3 (two data structs).
+    let r = unsafe { libc::syscall(libc::SYS_capget, &mut h, d.as_mut_ptr()) };
+    assert_eq!(r, 0, "capget");
+    d[0].effective &= !(1 << 2); // CAP_DAC_READ_SEARCH
+                                 // SAFETY: as above; capset only changes this thread's sets.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut h, d.as_ptr()) };
+    assert_eq!(r, 0, "capset");
+}
+
+#[test]
+fn hard_links_work_without_cap_dac_read_search() {
+    let (fs, dir) = share("link");
+    std::fs::create_dir(dir.0.join("sub")).unwrap();
+    std::fs::write(dir.0.join("f"), b"data").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", dir.0.join("outside")).unwrap();
+    let passwd_links = std::fs::metadata("/etc/passwd").unwrap().nlink();
+    let user = ctx(1000);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            drop_dac_read_search();
+            let f = fs.lookup(&user, ROOT_ID, &c("f")).unwrap();
+            let sub = fs.lookup(&user, ROOT_ID, &c("sub")).unwrap();
+            let e = fs.link(&user, f.inode, sub.inode, &c("hl")).unwrap();
+            assert_eq!(e.attr.st_ino, f.attr.st_ino);
+            assert_eq!(e.attr.st_nlink, 2);
+            // A symbolic link is linked as itself, never followed on the host.
+            let l = fs.lookup(&user, ROOT_ID, &c("outside")).unwrap();
+            let e = fs.link(&user, l.inode, ROOT_ID, &c("hl-link")).unwrap();
+            assert_eq!(e.attr.st_mode & libc::S_IFMT, libc::S_IFLNK);
+            assert_eq!(e.attr.st_ino, l.attr.st_ino);
+            // Names that are not one component are refused; existing names are EEXIST.
+            for bad in ["", ".", "..", "a/b"] {
+                let err = fs.link(&user, f.inode, ROOT_ID, &c(bad)).unwrap_err();
+                assert_eq!(errno(err), libc::EINVAL, "{bad:?}");
+            }
+            let err = fs.link(&user, f.inode, ROOT_ID, &c("f")).unwrap_err();
+            assert_eq!(errno(err), libc::EEXIST);
+        });
+    });
+    assert_eq!(std::fs::read(dir.0.join("sub/hl")).unwrap(), b"data");
+    let m = std::fs::symlink_metadata(dir.0.join("hl-link")).unwrap();
+    assert!(m.file_type().is_symlink());
+    assert_eq!(
+        std::fs::metadata("/etc/passwd").unwrap().nlink(),
+        passwd_links
+    );
+}
+
+#[test]
+fn a_link_source_swapped_on_the_host_is_not_linked() {
+    let (fs, dir) = share("link-race");
+    std::fs::write(dir.0.join("f"), b"mine").unwrap();
+    let root = ctx(0);
+    let f = fs.lookup(&root, ROOT_ID, &c("f")).unwrap();
+    // The server's fd still names the (now unlinked) file; its path shows " (deleted)", and a
+    // new file at the old name is another inode: nothing may be linked.
+    std::fs::remove_file(dir.0.join("f")).unwrap();
+    std::fs::write(dir.0.join("f"), b"other").unwrap();
+    let err = fs.link(&root, f.inode, ROOT_ID, &c("hl")).unwrap_err();
+    assert_eq!(errno(err), libc::ENOENT);
+    assert!(std::fs::symlink_metadata(dir.0.join("hl")).is_err());
+}

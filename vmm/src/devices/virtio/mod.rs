@@ -7,6 +7,7 @@
 
 pub mod blk;
 pub mod fs;
+pub mod fs_link;
 pub mod fs_policy;
 pub mod mmio;
 pub mod net;
