@@ -15,7 +15,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -202,6 +202,7 @@ fn run(sock: &mut UnixStream) -> Result<()> {
                 std::fs::write(&p, v).map_err(io(|| format!("sysctl {k}={v}")))?;
             }
             finish_rootfs(plan)?;
+            console(sock, &cfg)?;
             ipc::send(sock, &InitMsg::Ready)?;
             let mut b = [0u8; 1];
             match sock.read(&mut b) {
@@ -210,8 +211,66 @@ fn run(sock: &mut UnixStream) -> Result<()> {
             }
             exec_process(&cfg)
         }
-        Kind::Exec => exec_process(&cfg),
+        Kind::Exec => {
+            console(sock, &cfg)?;
+            exec_process(&cfg)
+        }
     }
+}
+
+/// With a terminal: makes the pty in the container's own `devpts` (its `/dev/ptmx`), puts the
+/// slave on fds 0–2 and sends the master to the agent ([`InitMsg::Console`]). runc does the
+/// same (its console socket): a pty of the agent's `devpts` would work as a terminal, but
+/// `tty`, `ttyname(3)` and `ps` inside the container could not name it.
+fn console(sock: &mut UnixStream, cfg: &InitConfig) -> Result<()> {
+    let terminal = cfg
+        .process
+        .as_ref()
+        .and_then(|p| p.terminal())
+        .unwrap_or(false);
+    if !terminal {
+        return Ok(());
+    }
+    let master = nix::fcntl::open(
+        "/dev/ptmx",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(sys(|| "opening the container's /dev/ptmx".into()))?;
+    // SAFETY: open just returned this descriptor; nothing else owns it.
+    let master = unsafe { std::os::fd::OwnedFd::from_raw_fd(master) };
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from a valid pointer.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) } != 0 {
+        return Err(InitError::Sys {
+            what: "unlocking the pty".into(),
+            source: nix::Error::last(),
+        });
+    }
+    // TIOCGPTPEER opens the slave through the master, not by a path that could be swapped.
+    // SAFETY: the ioctl takes open(2) flags by value and returns a new descriptor.
+    let slave = unsafe {
+        libc::ioctl(
+            master.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY,
+        )
+    };
+    if slave < 0 {
+        return Err(InitError::Sys {
+            what: "opening the pty's slave".into(),
+            source: nix::Error::last(),
+        });
+    }
+    for target in 0..3 {
+        nix::unistd::dup2(slave, target).map_err(sys(|| "putting the pty on stdio".into()))?;
+    }
+    if slave > 2 {
+        let _ = nix::unistd::close(slave);
+    }
+    ipc::send(sock, &InitMsg::Console)?;
+    ipc::send_fd(sock, master.as_raw_fd())?;
+    Ok(())
 }
 
 fn set_names(cfg: &InitConfig) -> Result<()> {

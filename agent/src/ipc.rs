@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,9 @@ pub enum IpcError {
     /// A message was larger than [`MAX_MESSAGE`].
     #[error("helper channel message of {0} bytes is too large")]
     TooLarge(u32),
+    /// Passing a descriptor failed, or the message carried none (or more than one).
+    #[error("helper channel: passing the terminal: {0}")]
+    Fd(String),
 }
 
 /// Linux namespace kinds the agent handles.
@@ -141,6 +146,74 @@ pub enum InitMsg {
     Ready,
     /// Setup failed.
     Error(String),
+    /// The process's terminal was made in the container's own `devpts` (as runc makes it, so
+    /// `tty` and `ttyname(3)` name it there); its master follows, see [`send_fd`].
+    Console,
+}
+
+/// Sends `fd` as `SCM_RIGHTS` on a one-byte message (after [`InitMsg::Console`]).
+pub fn send_fd(sock: &UnixStream, fd: RawFd) -> Result<(), IpcError> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    let fds = [fd];
+    loop {
+        match sendmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &[std::io::IoSlice::new(b"C")],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        ) {
+            Err(nix::Error::EINTR) => continue,
+            r => {
+                return r
+                    .map(drop)
+                    .map_err(|e| IpcError::Fd(format!("sendmsg: {e}")))
+            }
+        }
+    }
+}
+
+/// Receives the one descriptor [`send_fd`] sent (close-on-exec).
+pub fn recv_fd(sock: &UnixStream) -> Result<OwnedFd, IpcError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = loop {
+        match recvmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(nix::Error::EINTR) => continue,
+            r => break r.map_err(|e| IpcError::Fd(format!("recvmsg: {e}")))?,
+        }
+    };
+    let mut got = Vec::new();
+    for c in msg
+        .cmsgs()
+        .map_err(|e| IpcError::Fd(format!("control message: {e}")))?
+    {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            got.extend(fds);
+        }
+    }
+    // SAFETY: the kernel just installed these descriptors in this process; nothing owns them.
+    let mut owned: Vec<OwnedFd> = got
+        .into_iter()
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if msg.bytes != 1 || owned.len() != 1 {
+        return Err(IpcError::Fd(format!(
+            "expected one descriptor on a one-byte message, got {} on {} bytes",
+            owned.len(),
+            msg.bytes
+        )));
+    }
+    owned
+        .pop()
+        .ok_or_else(|| IpcError::Fd("no descriptor".into()))
 }
 
 /// The byte the agent sends to let a created container exec its process.
@@ -205,6 +278,31 @@ mod tests {
             matches!(recv::<_, InitMsg>(&mut r).unwrap(), Some(InitMsg::Error(m)) if m == "boom")
         );
         assert!(recv::<_, InitMsg>(&mut r).unwrap().is_none());
+    }
+
+    /// The console handover: a framed message, then the descriptor on its own byte; the
+    /// receiver gets the same open file (a pipe here: what is written to the sent end is read
+    /// from the kept one) and a message without a descriptor is an error.
+    #[test]
+    fn a_descriptor_passes_after_its_message() {
+        use std::io::Read;
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        send(&mut a, &InitMsg::Console).unwrap();
+        send_fd(&a, w.as_raw_fd()).unwrap();
+        drop(w);
+        assert!(matches!(
+            recv::<_, InitMsg>(&mut b).unwrap(),
+            Some(InitMsg::Console)
+        ));
+        let got = recv_fd(&b).unwrap();
+        nix::unistd::write(&got, b"through").unwrap();
+        drop(got);
+        let mut text = String::new();
+        std::fs::File::from(r).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "through");
+        a.write_all(b"C").unwrap();
+        assert!(matches!(recv_fd(&b), Err(IpcError::Fd(_))));
     }
 
     #[test]

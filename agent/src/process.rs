@@ -4,6 +4,7 @@
 //! reaper. Also signal delivery, including the signals held for a PID-namespace init until it
 //! can take them ([`Process::signal_pidns_init`]).
 
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
@@ -191,24 +192,36 @@ pub enum WaitFor {
     Exec,
 }
 
-/// Spawns the helper for `cfg` with fresh streams (a pty when `terminal`) and waits for
-/// `wait`. Returns the process and, for [`WaitFor::Ready`], the control socket that later
-/// starts it. On failure the process is killed and reaped.
+/// Spawns the helper for `cfg` with fresh streams and waits for `wait`. With `terminal` the
+/// helper makes the pty inside the container (its own `devpts`, as runc does) and hands the
+/// master back; else the streams are pipes made here. Returns the process and, for
+/// [`WaitFor::Ready`], the control socket that later starts it. On failure the process is
+/// killed and reaped.
 pub async fn spawn(
     reaper: &Reaper,
     cfg: InitConfig,
     terminal: bool,
     wait: WaitFor,
 ) -> Result<(Arc<Process>, Option<UnixStream>)> {
-    let (pio, child) = stdio::create(terminal)?;
+    let (pipes, child_fds) = if terminal {
+        (None, None)
+    } else {
+        let (pio, child) = stdio::pipes()?;
+        (Some(pio), Some(child.fds))
+    };
     let r = reaper.clone();
-    type Spawned = (i32, std::result::Result<Option<UnixStream>, SpawnError>);
+    type Waited = (Option<UnixStream>, Option<OwnedFd>);
+    type Spawned = (i32, std::result::Result<Waited, SpawnError>);
     let (pid, res) =
         tokio::task::spawn_blocking(move || -> std::result::Result<Spawned, SpawnError> {
-            let mut h = spawn_helper(&r, &cfg, Some(child.fds))?;
+            let mut h = spawn_helper(&r, &cfg, child_fds)?;
             let res = match wait {
-                WaitFor::Ready => h.wait_ready().map(|()| Some(h.sock)),
-                WaitFor::Exec => h.wait_exec().map(|()| None),
+                WaitFor::Ready => h.wait_ready(terminal).map(|m| (None, m)),
+                WaitFor::Exec => h.wait_exec(terminal).map(|m| (None, m)),
+            };
+            let res = match (wait, res) {
+                (WaitFor::Ready, Ok((_, m))) => Ok((Some(h.sock), m)),
+                (_, r) => r,
             };
             Ok((h.pid, res))
         })
@@ -217,13 +230,21 @@ pub async fn spawn(
             what: "setup task",
             source,
         })??;
-    let p = Process::new(reaper, pid, pio);
-    match res {
-        Ok(sock) => Ok((p, sock)),
+    let (sock, pio) = match res {
+        Ok((sock, master)) => match (pipes, master) {
+            (Some(pio), _) => (sock, Ok(pio)),
+            (None, Some(master)) => (sock, stdio::from_pty(master).map_err(AgentError::from)),
+            (None, None) => (sock, Ok(empty_io())),
+        },
+        Err(e) => (None, Err(AgentError::from(e))),
+    };
+    match pio {
+        Ok(pio) => Ok((Process::new(reaper, pid, pio), sock)),
         Err(e) => {
+            let p = Process::new(reaper, pid, empty_io());
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             p.wait().await;
-            Err(e.into())
+            Err(e)
         }
     }
 }
@@ -240,7 +261,7 @@ pub async fn spawn_holder(
     let (pid, res) =
         tokio::task::spawn_blocking(move || -> std::result::Result<Spawned, SpawnError> {
             let mut h = spawn_helper(&r, &cfg, None)?;
-            let res = h.wait_ready();
+            let res = h.wait_ready(false).map(drop);
             Ok((h.pid, res))
         })
         .await
@@ -271,5 +292,5 @@ pub fn release(mut sock: UnixStream) -> std::result::Result<(), SpawnError> {
             source,
         })?;
     let mut h = crate::spawn::Helper { sock, pid: 0 };
-    h.wait_exec()
+    h.wait_exec(false).map(drop)
 }

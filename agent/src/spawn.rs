@@ -1,8 +1,10 @@
 //! Starting the `__init` helper from the multi-threaded agent: a plain
 //! `fork` whose child only does async-signal-safe work (`dup2`, `sigprocmask`,
 //! `execve`), with everything allocated beforehand. The helper gets the
-//! process's stdio as fds 0–2 and its end of the control socket as fd 3,
-//! then the configuration; the agent reads back the workload's PID.
+//! process's stdio as fds 0–2 (`/dev/null` when the process has a terminal,
+//! which the helper makes in the container and hands back) and its end of the
+//! control socket as fd 3, then the configuration; the agent reads back the
+//! workload's PID.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -60,22 +62,38 @@ pub struct Helper {
 }
 
 impl Helper {
-    /// Waits for `Ready` (or an error).
-    pub fn wait_ready(&mut self) -> Result<(), SpawnError> {
+    /// Waits for `Ready` (or an error). With `console`, the terminal's master comes first.
+    pub fn wait_ready(&mut self, console: bool) -> Result<Option<OwnedFd>, SpawnError> {
+        let master = self.console(console)?;
         match ipc::recv::<_, InitMsg>(&mut self.sock)? {
-            Some(InitMsg::Ready) => Ok(()),
+            Some(InitMsg::Ready) => Ok(master),
             Some(InitMsg::Error(e)) => Err(SpawnError::Helper(e)),
             Some(other) => Err(SpawnError::Protocol(format!("unexpected {other:?}"))),
             None => Err(SpawnError::Protocol("exited during setup".into())),
         }
     }
 
-    /// Waits until the workload was exec'd (end of stream) or failed.
-    pub fn wait_exec(&mut self) -> Result<(), SpawnError> {
+    /// Waits until the workload was exec'd (end of stream) or failed. With `console`, the
+    /// terminal's master comes first.
+    pub fn wait_exec(&mut self, console: bool) -> Result<Option<OwnedFd>, SpawnError> {
+        let master = self.console(console)?;
         match ipc::recv::<_, InitMsg>(&mut self.sock)? {
-            None => Ok(()),
+            None => Ok(master),
             Some(InitMsg::Error(e)) => Err(SpawnError::Helper(e)),
             Some(other) => Err(SpawnError::Protocol(format!("unexpected {other:?}"))),
+        }
+    }
+
+    /// With `wanted`: the pty master the helper made in the container ([`InitMsg::Console`]).
+    fn console(&mut self, wanted: bool) -> Result<Option<OwnedFd>, SpawnError> {
+        if !wanted {
+            return Ok(None);
+        }
+        match ipc::recv::<_, InitMsg>(&mut self.sock)? {
+            Some(InitMsg::Console) => Ok(Some(ipc::recv_fd(&self.sock)?)),
+            Some(InitMsg::Error(e)) => Err(SpawnError::Helper(e)),
+            Some(other) => Err(SpawnError::Protocol(format!("unexpected {other:?}"))),
+            None => Err(SpawnError::Protocol("exited during setup".into())),
         }
     }
 }

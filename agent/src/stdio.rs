@@ -160,67 +160,41 @@ pub struct ChildIo {
     pub fds: [OwnedFd; 3],
 }
 
-/// Creates the stream pair for a process.
-pub fn create(terminal: bool) -> Result<(ProcessIo, ChildIo), StdioError> {
+/// Pipes for a process without a terminal: the agent's ends and the child's (stdin, stdout,
+/// stderr). A process with a terminal gets its pty from the helper ([`from_pty`]).
+pub fn pipes() -> Result<(ProcessIo, ChildIo), StdioError> {
     use std::sync::Arc;
-    if terminal {
-        let pty = nix::pty::openpty(None, None).map_err(|source| StdioError::Sys {
-            what: "openpty",
+    let p = || {
+        nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|source| StdioError::Sys {
+            what: "pipe2",
             source,
-        })?;
-        fcntl(
-            pty.master.as_raw_fd(),
-            FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(|source| StdioError::Sys {
-            what: "F_SETFD",
-            source,
-        })?;
-        fcntl(
-            pty.slave.as_raw_fd(),
-            FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(|source| StdioError::Sys {
-            what: "F_SETFD",
-            source,
-        })?;
-        let dup = |fd: &OwnedFd| {
-            fd.try_clone().map_err(|source| StdioError::Io {
-                what: "dup pty",
-                source,
-            })
-        };
-        let slave = [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave];
-        let master = Arc::new(Stream::new(pty.master, true)?);
-        Ok((
-            ProcessIo {
-                stdin: Mutex::new(Some(master.clone())),
-                stdout: Mutex::new(Some(master.clone())),
-                stderr: Mutex::new(None),
-                tty: Some(master),
-            },
-            ChildIo { fds: slave },
-        ))
-    } else {
-        let p = || {
-            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|source| StdioError::Sys {
-                what: "pipe2",
-                source,
-            })
-        };
-        let (in_r, in_w) = p()?;
-        let (out_r, out_w) = p()?;
-        let (err_r, err_w) = p()?;
-        Ok((
-            ProcessIo {
-                stdin: Mutex::new(Some(Arc::new(Stream::new(in_w, false)?))),
-                stdout: Mutex::new(Some(Arc::new(Stream::new(out_r, false)?))),
-                stderr: Mutex::new(Some(Arc::new(Stream::new(err_r, false)?))),
-                tty: None,
-            },
-            ChildIo {
-                fds: [in_r, out_w, err_w],
-            },
-        ))
-    }
+        })
+    };
+    let (in_r, in_w) = p()?;
+    let (out_r, out_w) = p()?;
+    let (err_r, err_w) = p()?;
+    Ok((
+        ProcessIo {
+            stdin: Mutex::new(Some(Arc::new(Stream::new(in_w, false)?))),
+            stdout: Mutex::new(Some(Arc::new(Stream::new(out_r, false)?))),
+            stderr: Mutex::new(Some(Arc::new(Stream::new(err_r, false)?))),
+            tty: None,
+        },
+        ChildIo {
+            fds: [in_r, out_w, err_w],
+        },
+    ))
+}
+
+/// The streams of a process whose terminal's `master` the helper made in the container: stdin
+/// and stdout are the master, stderr goes to the terminal too.
+pub fn from_pty(master: OwnedFd) -> Result<ProcessIo, StdioError> {
+    use std::sync::Arc;
+    let master = Arc::new(Stream::new(master, true)?);
+    Ok(ProcessIo {
+        stdin: Mutex::new(Some(master.clone())),
+        stdout: Mutex::new(Some(master.clone())),
+        stderr: Mutex::new(None),
+        tty: Some(master),
+    })
 }

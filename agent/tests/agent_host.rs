@@ -529,7 +529,7 @@ fn terminal_and_resize() {
     let a = TestAgent::start("tty");
     a.create(
         "t1",
-        &spec(&["sh", "-c", "stty size; read x; echo got-$x"], true),
+        &spec(&["sh", "-c", "tty; stty size; read x; echo got-$x"], true),
     )
     .unwrap();
     let mut r = pb::TtyResizeRequest::new();
@@ -540,6 +540,17 @@ fn terminal_and_resize() {
     a.start_c("t1");
     let out = a.read_until("t1", "", "100");
     assert!(out.contains("40 100"), "{out:?}");
+    // The terminal is the container's own (its devpts), as under runc: `tty` names it.
+    assert!(out.contains("/dev/pts/"), "{out:?}");
+    // So is an exec'd process's.
+    a.exec("t1", "e1", &["sh", "-c", "tty; echo tty-exit-$?"], true)
+        .unwrap();
+    let out = a.read_until("t1", "e1", "tty-exit-");
+    assert!(
+        out.contains("/dev/pts/") && out.contains("tty-exit-0"),
+        "{out:?}"
+    );
+    assert_eq!(a.wait("t1", "e1"), 0);
     a.write_stdin("t1", "", b"line\n");
     let out = a.read_all("t1", "", false);
     assert!(out.contains("got-line"), "{out:?}");

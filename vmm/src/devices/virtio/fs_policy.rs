@@ -118,6 +118,33 @@ impl<F: FileSystem> PolicyFs<F> {
         Ok(is_device(st.st_mode))
     }
 
+    /// The credentials a creation in `parent` runs with on the host. FUSE carries the caller's
+    /// uid and gid but not its supplementary groups, and the server creates as exactly that uid
+    /// and gid: a container user who may write a directory only through a supplementary group
+    /// (Kubernetes' `fsGroup`: the kubelet makes the volume `root:<fsGroup>`, mode `2775`) got
+    /// `EACCES` from the host after the guest kernel had allowed it (virtio-fs always mounts with
+    /// `default_permissions`). For a setgid directory, whose new entries take its group
+    /// whatever the creator's, creating as the directory's group gives the same owner and group
+    /// the kernel gives under runc, so that is what runs. The guest chooses uid and gid of every
+    /// request anyway; this grants it nothing it could not name itself.
+    fn creator(&self, ctx: &Context, parent: u64) -> io::Result<Context> {
+        let (st, _) = self.inner.getattr(ctx, parent.into(), None)?;
+        let group_may_write =
+            st.st_mode & (libc::S_IWGRP | libc::S_IXGRP) == libc::S_IWGRP | libc::S_IXGRP;
+        if st.st_mode & libc::S_ISGID != 0
+            && group_may_write
+            && ctx.uid != 0
+            && ctx.uid != st.st_uid
+            && ctx.gid != st.st_gid
+        {
+            return Ok(Context {
+                gid: st.st_gid,
+                ..*ctx
+            });
+        }
+        Ok(*ctx)
+    }
+
     /// Clears the setuid/setgid-exec bits of a non-directory `inode` that has them (before the
     /// guest writes to it).
     fn kill_privilege(&self, ctx: &Context, inode: u64) -> io::Result<()> {
@@ -210,7 +237,9 @@ impl<F: FileSystem + HostPath> FileSystem for PolicyFs<F> {
         parent: Self::Inode,
         name: &CStr,
     ) -> io::Result<Entry> {
-        self.inner.symlink(ctx, linkname, parent, name)
+        let parent: u64 = parent.into();
+        let ctx = self.creator(ctx, parent)?;
+        self.inner.symlink(&ctx, linkname, parent.into(), name)
     }
 
     fn mknod(
@@ -226,7 +255,10 @@ impl<F: FileSystem + HostPath> FileSystem for PolicyFs<F> {
             return Err(refused("mknod", inode.into(), libc::EPERM));
         }
         let mode = mode & !privilege_bits(mode);
-        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+        let parent: u64 = inode.into();
+        let ctx = self.creator(ctx, parent)?;
+        self.inner
+            .mknod(&ctx, parent.into(), name, mode, rdev, umask)
     }
 
     fn mkdir(
@@ -237,7 +269,9 @@ impl<F: FileSystem + HostPath> FileSystem for PolicyFs<F> {
         mode: u32,
         umask: u32,
     ) -> io::Result<Entry> {
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        let parent: u64 = parent.into();
+        let ctx = self.creator(ctx, parent)?;
+        self.inner.mkdir(&ctx, parent.into(), name, mode, umask)
     }
 
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
@@ -316,8 +350,9 @@ impl<F: FileSystem + HostPath> FileSystem for PolicyFs<F> {
         args.mode &= !privilege_bits(args.mode);
         // ... and check what was actually opened (the name may have been swapped in between:
         // the entry is the inode the server opened).
+        let creator = self.creator(ctx, parent)?;
         let (entry, handle, opts, passthrough) =
-            self.inner.create(ctx, parent.into(), name, args)?;
+            self.inner.create(&creator, parent.into(), name, args)?;
         if is_device(entry.attr.st_mode) {
             if let Some(h) = handle {
                 let _ =

@@ -345,3 +345,47 @@ fn a_link_source_swapped_on_the_host_is_not_linked() {
     assert_eq!(errno(err), libc::ENOENT);
     assert!(std::fs::symlink_metadata(dir.0.join("hl")).is_err());
 }
+
+/// Kubernetes' fsGroup: a volume `root:4000` mode `2775` is writable by a container user
+/// through its supplementary group 4000, which FUSE does not carry to the host.
+#[test]
+fn creations_in_a_setgid_group_writable_directory_work_without_the_supplementary_group() {
+    let (fs, dir) = share("fsgroup");
+    let vol = dir.0.join("vol");
+    std::fs::create_dir(&vol).unwrap();
+    std::os::unix::fs::chown(&vol, Some(0), Some(4000)).unwrap();
+    std::fs::set_permissions(&vol, std::os::unix::fs::PermissionsExt::from_mode(0o2775)).unwrap();
+    let user = ctx(1000);
+    let v = fs.lookup(&user, ROOT_ID, &c("vol")).unwrap();
+    let args = CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0o022,
+        fuse_flags: 0,
+    };
+    fs.create(&user, v.inode, &c("file"), args).unwrap();
+    fs.mkdir(&user, v.inode, &c("dir"), 0o755, 0o022).unwrap();
+    fs.mknod(&user, v.inode, &c("fifo"), libc::S_IFIFO | 0o644, 0, 0o022)
+        .unwrap();
+    fs.symlink(&user, &c("file"), v.inode, &c("link")).unwrap();
+    for name in ["file", "dir", "fifo", "link"] {
+        let m = std::fs::symlink_metadata(vol.join(name)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid()),
+            (1000, 4000),
+            "{name}: owner as under runc"
+        );
+    }
+    assert_ne!(
+        std::fs::metadata(vol.join("dir")).unwrap().mode() & libc::S_ISGID,
+        0,
+        "a new directory keeps the setgid bit"
+    );
+    // Without setgid the group of a new entry would be the creator's: no substitution, and the
+    // host refuses as before (the caller's membership of 4000 is unknown to the host).
+    std::fs::set_permissions(&vol, std::os::unix::fs::PermissionsExt::from_mode(0o0775)).unwrap();
+    let err = fs
+        .mkdir(&user, v.inode, &c("dir2"), 0o755, 0o022)
+        .unwrap_err();
+    assert_eq!(errno(err), libc::EACCES);
+}

@@ -1,0 +1,405 @@
+#!/usr/bin/env python3
+"""Pod trials through CRI, the way a kubelet drives a runtime: crictl with pod and container
+configs, against one containerd (run by tests/cri/run --trials, which sets CRICTL and
+CRI_RUNTIME next to each containerd × runtime combination).
+
+One pod (`trials`) is made the way a kubelet makes a pod of three containers: `init` (exits
+with 3 after printing to stdout and stderr, as an init container does), `main` (uid 1000, gid
+2000, supplemental groups, read-only root file system, a memory limit, an emptyDir, a read-only
+and a read-write hostPath, a ConfigMap-like file bind) and `side` (root, stdin open for attach,
+the same emptyDir). Each trial asserts one behaviour against what the host sees; a trial that
+fails does not stop the others. Prints `trial NAME ... ok` or `trial NAME ... FAILED: why` and a
+closing `pod-trials: N passed, N failed, N skipped`; exits 1 when a trial failed.
+"""
+
+import json
+import os
+import pty
+import select
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+IMAGE = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
+RUNTIME = os.environ.get("CRI_RUNTIME", "")
+CRICTL = shlex.split(os.environ.get("CRICTL", "crictl"))
+MEM_LIMIT = 128 << 20
+MEM_UPDATED = 256 << 20
+FS_GROUP = 4000
+
+
+class Failed(Exception):
+    """A trial's assertion failed."""
+
+
+def ensure(cond, why):
+    if not cond:
+        raise Failed(why)
+
+
+def crictl(*args, check=True, input_text=None, timeout=180):
+    r = subprocess.run(CRICTL + list(args), capture_output=True, text=True, input=input_text,
+                       timeout=timeout)
+    if check and r.returncode != 0:
+        raise Failed(f"crictl {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()[-600:]}")
+    return r
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+    return path
+
+
+def exec_in(cid, script, check=True):
+    """`crictl exec` of `sh -c script`: (exit status, stdout)."""
+    r = crictl("exec", cid, "sh", "-c", script, check=False)
+    if check and r.returncode != 0:
+        raise Failed(f"exec {script!r}: exit {r.returncode}: {r.stdout.strip()} {r.stderr.strip()}")
+    return r.returncode, r.stdout
+
+
+def wait_for(what, pred, secs=120):
+    """Polls `pred` (a condition the runtime reaches by itself) until it holds or `secs` pass."""
+    end = time.monotonic() + secs
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > end:
+            raise Failed(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def inspect(cid):
+    return json.loads(crictl("inspect", cid).stdout)["status"]
+
+
+def vmm_count():
+    r = subprocess.run(["pgrep", "-c", "-x", "moat-vmm"], capture_output=True, text=True)
+    return int(r.stdout.strip() or 0)
+
+
+class Pod:
+    """The trials' pod, its containers and the host directories behind its volumes."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="moat-pod-trials-")
+        d = self.dir
+        self.logs = os.path.join(d, "logs")
+        self.empty = os.path.join(d, "empty-dir")
+        self.ro = os.path.join(d, "host-ro")
+        self.rw = os.path.join(d, "host-rw")
+        self.config = os.path.join(d, "configmap", "app.conf")
+        for p in (self.logs, self.empty, self.ro, self.rw, os.path.dirname(self.config)):
+            os.makedirs(p)
+        with open(os.path.join(self.ro, "f"), "w") as f:
+            f.write("host-ro\n")
+        with open(self.config, "w") as f:
+            f.write("key=value\n")
+        # What the kubelet does for fsGroup: the volume's group and setgid, group-writable.
+        for p in (self.empty, self.rw):
+            os.chown(p, 0, FS_GROUP)
+            os.chmod(p, 0o2775)
+        self.vmms_before = vmm_count()
+        self.pod_cfg = write_json(os.path.join(d, "pod.json"), {
+            "metadata": {"name": "trials", "namespace": "moat-trials",
+                         "uid": str(uuid.uuid4()), "attempt": 0},
+            "hostname": "trials-host",
+            "log_directory": self.logs,
+            "dns_config": {"servers": ["10.96.0.10"], "searches": ["svc.cluster.local"],
+                           "options": ["ndots:5"]},
+            "linux": {
+                "sysctls": {"net.ipv4.ip_unprivileged_port_start": "80",
+                            "kernel.shm_rmid_forced": "1"},
+            },
+        })
+        args = ["runp"] + (["--runtime", RUNTIME] if RUNTIME else []) + [self.pod_cfg]
+        self.id = crictl(*args, timeout=600).stdout.strip()
+        self.containers = {}
+
+    def container(self, name, command, **extra):
+        cfg = {"metadata": {"name": name}, "image": {"image": IMAGE}, "command": command,
+               "log_path": f"{name}.log", "linux": {"security_context": {}}}
+        for k, v in extra.items():
+            if k == "security":
+                cfg["linux"]["security_context"].update(v)
+            elif k == "resources":
+                cfg["linux"]["resources"] = v
+            else:
+                cfg[k] = v
+        path = write_json(os.path.join(self.dir, f"{name}.json"), cfg)
+        cid = crictl("create", self.id, path, self.pod_cfg, timeout=300).stdout.strip()
+        crictl("start", cid, timeout=300)
+        self.containers[name] = cid
+        return cid
+
+    def start_all(self):
+        self.container("init", ["sh", "-c", "echo init-done; echo init-err >&2; exit 3"])
+        self.container(
+            "main", ["sh", "-c", "echo main-start; exec sleep 100000"],
+            security={"run_as_user": {"value": 1000}, "run_as_group": {"value": 2000},
+                      "supplemental_groups": [3000, FS_GROUP], "readonly_rootfs": True},
+            resources={"memory_limit_in_bytes": MEM_LIMIT},
+            mounts=[
+                {"container_path": "/data", "host_path": self.empty},
+                {"container_path": "/ro", "host_path": self.ro, "readonly": True},
+                {"container_path": "/rw", "host_path": self.rw},
+                {"container_path": "/etc/config/app.conf", "host_path": self.config,
+                 "readonly": True},
+            ])
+        self.container("side", ["cat"], stdin=True,
+                       mounts=[{"container_path": "/shared", "host_path": self.empty}])
+
+    def remove(self):
+        crictl("stopp", self.id, check=False, timeout=300)
+        crictl("rmp", "-f", self.id, check=False, timeout=300)
+
+
+# ---- the trials ------------------------------------------------------------------------------
+
+def t_three_containers(pod):
+    c = pod.containers
+    st = wait_for("init to exit", lambda: (s := inspect(c["init"]))["state"] == "CONTAINER_EXITED"
+                  and s)
+    ensure(st["exitCode"] == 3, f"init's exit code is {st['exitCode']}, not 3")
+    for name in ("main", "side"):
+        state = inspect(c[name])["state"]
+        ensure(state == "CONTAINER_RUNNING", f"{name} is {state}")
+    listed = crictl("ps", "-a", "-q", "--pod", pod.id).stdout.split()
+    ensure(sorted(listed) == sorted(c.values()), f"crictl ps -a lists {listed}")
+
+
+def t_logs(pod):
+    c = pod.containers
+    wait_for("init to exit", lambda: inspect(c["init"])["state"] == "CONTAINER_EXITED")
+    r = crictl("logs", c["init"])
+    ensure("init-done" in r.stdout and "init-err" in r.stderr,
+           f"crictl logs of the exited init: stdout {r.stdout!r} stderr {r.stderr!r}")
+    # The CRI log file: `<RFC3339Nano> <stream> <F|P> <line>` per line.
+    with open(os.path.join(pod.logs, "init.log")) as f:
+        lines = f.read().splitlines()
+    streams = {(ln.split(" ", 3)[1], ln.split(" ", 3)[3]) for ln in lines if ln.count(" ") >= 3}
+    ensure(("stdout", "init-done") in streams and ("stderr", "init-err") in streams,
+           f"init.log is not in the CRI format: {lines}")
+    wait_for("main's first line in its log", lambda: "main-start" in crictl("logs", c["main"]).stdout)
+
+
+def t_identity(pod):
+    _, out = exec_in(pod.containers["main"], "id")
+    ensure("uid=1000" in out and "gid=2000" in out and "3000" in out and str(FS_GROUP) in out,
+           f"id in main: {out.strip()}")
+
+
+def t_exec_status(pod):
+    # crictl exits 1 for any failed command (under runc too): the status is nonzero or zero.
+    rc, _ = exec_in(pod.containers["main"], "exit 7", check=False)
+    ensure(rc != 0, "crictl exec of `exit 7` succeeded")
+    rc, out = exec_in(pod.containers["main"], "echo exec-ok", check=False)
+    ensure(rc == 0 and "exec-ok" in out, f"crictl exec of `echo` returned {rc}: {out!r}")
+
+
+def t_exec_tty(pod):
+    """`crictl exec -it`, with a real terminal on our side."""
+    master, slave = pty.openpty()
+    p = subprocess.Popen(CRICTL + ["exec", "-it", pod.containers["main"], "sh", "-c",
+                                   "tty; stty size; echo tty-done"],
+                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out = b""
+    end = time.monotonic() + 120
+    while b"tty-done" not in out and time.monotonic() < end:
+        r, _, _ = select.select([master], [], [], 1)
+        if r:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    p.wait(timeout=60)
+    os.close(master)
+    text = out.decode(errors="replace")
+    ensure("/dev/pts/" in text and "tty-done" in text, f"exec -it printed {text!r}")
+    ensure(p.returncode == 0, f"exec -it exited {p.returncode}")
+
+
+def t_attach(pod):
+    p = subprocess.Popen(CRICTL + ["attach", "-i", pod.containers["side"]], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        seen = b""
+        end = time.monotonic() + 120
+        # attach may connect after our first write: write until the echo comes back.
+        while b"ping-attach" not in seen and time.monotonic() < end:
+            p.stdin.write(b"ping-attach\n")
+            p.stdin.flush()
+            r, _, _ = select.select([p.stdout], [], [], 2)
+            if r:
+                chunk = os.read(p.stdout.fileno(), 4096)
+                if not chunk:
+                    break
+                seen += chunk
+        ensure(b"ping-attach" in seen, f"attach echoed {seen!r}")
+    finally:
+        p.kill()
+        p.wait()
+
+
+def t_stats(pod):
+    cid = pod.containers["main"]
+    exec_in(cid, "dd if=/dev/zero of=/dev/null bs=1M count=64 2>/dev/null")
+
+    def sample():
+        s = json.loads(crictl("stats", "-o", "json", "--id", cid).stdout).get("stats", [])
+        if not s:
+            return None
+        s = s[0]
+        ws = int(s.get("memory", {}).get("workingSetBytes", {}).get("value", 0))
+        cpu = int(s.get("cpu", {}).get("usageCoreNanoSeconds", {}).get("value", 0))
+        return (ws, cpu) if ws > 0 and cpu > 0 else None
+    ws, cpu = wait_for("stats with memory and cpu", sample, secs=60)
+    ensure(ws < 4 * MEM_LIMIT, f"working set {ws} beyond reason")
+
+
+def t_update(pod):
+    cid = pod.containers["main"]
+    _, before = exec_in(cid, "cat /sys/fs/cgroup/memory.max")
+    ensure(before.strip() == str(MEM_LIMIT), f"memory.max is {before.strip()}, not {MEM_LIMIT}")
+    crictl("update", "--memory", str(MEM_UPDATED), cid)
+    _, after = exec_in(cid, "cat /sys/fs/cgroup/memory.max")
+    ensure(after.strip() == str(MEM_UPDATED), f"after update memory.max is {after.strip()}")
+    ensure(inspect(cid)["state"] == "CONTAINER_RUNNING", "main stopped after update")
+
+
+def t_volumes(pod):
+    c = pod.containers
+    exec_in(c["side"], "echo from-side > /shared/from-side")
+    _, out = exec_in(c["main"], "cat /data/from-side; echo from-main > /data/from-main")
+    ensure("from-side" in out, f"main does not see side's file in the emptyDir: {out!r}")
+    st = os.stat(os.path.join(pod.empty, "from-main"))
+    ensure((st.st_uid, st.st_gid) == (1000, FS_GROUP),
+           f"main's file in the emptyDir is {st.st_uid}:{st.st_gid} on the host, "
+           f"not 1000:{FS_GROUP} (runAsUser, fsGroup)")
+    rc, out = exec_in(c["main"], "echo x > /ro/f 2>&1; echo x > /ro/new 2>&1", check=False)
+    ensure(rc != 0, "writing the read-only hostPath succeeded")
+    with open(os.path.join(pod.ro, "f")) as f:
+        ensure(f.read() == "host-ro\n", "the read-only hostPath's file changed on the host")
+    ensure(sorted(os.listdir(pod.ro)) == ["f"], f"files appeared in the ro hostPath: {os.listdir(pod.ro)}")
+    exec_in(c["main"], "echo guest-rw > /rw/new")
+    with open(os.path.join(pod.rw, "new")) as f:
+        ensure(f.read() == "guest-rw\n", "the rw hostPath write did not reach the host")
+    _, out = exec_in(c["main"], "cat /etc/config/app.conf; echo y >> /etc/config/app.conf",
+                     check=False)
+    ensure("key=value" in out, f"the file bind reads {out!r}")
+    with open(pod.config) as f:
+        ensure(f.read() == "key=value\n", "the read-only file bind changed on the host")
+
+
+def t_readonly_rootfs(pod):
+    rc, _ = exec_in(pod.containers["main"], "touch /rootfs-write", check=False)
+    ensure(rc != 0, "a write to the read-only root file system succeeded")
+    rc, _ = exec_in(pod.containers["side"], "touch /rootfs-write && rm /rootfs-write", check=False)
+    ensure(rc == 0, "side (writable root) cannot write its root file system")
+
+
+def t_shm(pod):
+    """The pod's /dev/shm: 64 MiB (containerd's default), bounded, shared by its containers.
+    (Under runc it is the host tmpfs containerd made; under moat that same tmpfs over virtio-fs,
+    so the mount type differs and the size is the same.)"""
+    c = pod.containers
+    # statfs of /dev/shm itself (df would report the mount it guesses from the device).
+    _, out = exec_in(c["main"], "stat -f -c '%b %S' /dev/shm")
+    fields = out.split()
+    ensure(len(fields) == 2 and int(fields[0]) * int(fields[1]) == 64 << 20,
+           f"/dev/shm is not 64 MiB: {out.strip()}")
+    rc, _ = exec_in(c["side"], "dd if=/dev/zero of=/dev/shm/big bs=1M count=80 2>/dev/null",
+                    check=False)
+    ensure(rc != 0, "80 MiB fit in the 64 MiB /dev/shm")
+    exec_in(c["side"], "rm -f /dev/shm/big")
+    exec_in(c["side"], "echo shm > /dev/shm/x; chmod 644 /dev/shm/x")
+    _, out = exec_in(c["main"], "cat /dev/shm/x")
+    ensure("shm" in out, "the pod's /dev/shm is not shared between its containers")
+
+
+def t_sysctls(pod):
+    _, out = exec_in(pod.containers["main"],
+                     "cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/shm_rmid_forced")
+    ensure(out.split() == ["80", "1"], f"pod sysctls read {out.split()}")
+
+
+def t_hostname_dns(pod):
+    _, out = exec_in(pod.containers["main"], "hostname; cat /etc/resolv.conf")
+    lines = out.splitlines()
+    ensure(lines and lines[0] == "trials-host", f"hostname is {lines[:1]}")
+    for want in ("nameserver 10.96.0.10", "search svc.cluster.local", "options ndots:5"):
+        ensure(want in out, f"/etc/resolv.conf lacks {want!r}: {out!r}")
+
+
+def t_stop_remove(pod):
+    c = pod.containers
+    crictl("stop", "--timeout", "2", c["main"], timeout=300)
+    ensure(inspect(c["main"])["state"] == "CONTAINER_EXITED", "main is not exited after stop")
+    crictl("rm", c["main"])
+    listed = crictl("ps", "-a", "-q", "--pod", pod.id).stdout.split()
+    ensure(c["main"] not in listed, "main is still listed after rm")
+    ensure(inspect(c["side"])["state"] == "CONTAINER_RUNNING", "side stopped with main")
+    crictl("stopp", pod.id, timeout=300)
+    ensure(inspect(c["side"])["state"] == "CONTAINER_EXITED", "side runs after stopp")
+    crictl("rmp", pod.id, timeout=300)
+    ensure(not crictl("pods", "-q", "--id", pod.id).stdout.strip(), "the pod is listed after rmp")
+    wait_for("the pod's VMM to go", lambda: vmm_count() <= pod.vmms_before, secs=60)
+    ensure(os.path.exists(os.path.join(pod.logs, "init.log")), "container logs vanished with the pod")
+
+
+TRIALS = [
+    ("three_containers_one_exited", t_three_containers),
+    ("logs_through_cri_log_files", t_logs),
+    ("run_as_user_group_supplemental", t_identity),
+    ("exec_exit_status", t_exec_status),
+    ("exec_with_tty", t_exec_tty),
+    ("attach_stdin_stdout", t_attach),
+    ("stats_per_container", t_stats),
+    ("update_memory_limit", t_update),
+    ("volumes_emptydir_hostpath_filebind", t_volumes),
+    ("readonly_root_filesystem", t_readonly_rootfs),
+    ("dev_shm_sized_and_shared", t_shm),
+    ("pod_sysctls", t_sysctls),
+    ("hostname_and_dns", t_hostname_dns),
+    ("stop_remove_ordering", t_stop_remove),
+]
+
+
+def main():
+    label = os.environ.get("CRI_COMBINATION", RUNTIME or "default")
+    crictl("pull", IMAGE, timeout=600)
+    passed = failed = 0
+    pod = None
+    try:
+        pod = Pod()
+        pod.start_all()
+        setup_error = None
+    except (Failed, subprocess.TimeoutExpired, OSError) as e:
+        setup_error = f"the pod did not start: {e}"
+    for name, fn in TRIALS:
+        try:
+            if setup_error:
+                raise Failed(setup_error)
+            fn(pod)
+            print(f"trial {label}::{name} ... ok", flush=True)
+            passed += 1
+        except (Failed, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as e:
+            print(f"trial {label}::{name} ... FAILED: {e}", flush=True)
+            failed += 1
+    if pod is not None:
+        pod.remove()
+    print(f"pod-trials: {passed} passed, {failed} failed, 0 skipped", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
