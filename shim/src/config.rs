@@ -55,10 +55,15 @@ pub struct Config {
     pub kernel: PathBuf,
     /// Guest initramfs with `moat-agent` as `/init`.
     pub initrd: PathBuf,
-    /// vCPUs per pod VM.
+    /// vCPUs per pod VM (the minimum: a pod's CPU limit may ask for more).
     pub vcpus: u8,
-    /// Guest memory per pod VM, MiB.
+    /// Guest memory per pod VM, MiB: the base, to which a pod's memory limit is added
+    /// ([`crate::sizing`]).
     pub memory_mib: u32,
+    /// The most vCPUs a pod VM may get (0: the host's CPUs).
+    pub max_vcpus: u8,
+    /// The most memory a pod VM may get, MiB (0: the host's memory).
+    pub max_memory_mib: u32,
     /// Extra guest kernel command line parameters.
     pub kernel_params: String,
     /// Verbose guest kernel console (drops `quiet`); the console is always saved to
@@ -84,6 +89,8 @@ impl Default for Config {
             initrd: PathBuf::from("/usr/local/share/moat/initramfs.cpio"),
             vcpus: 1,
             memory_mib: 256,
+            max_vcpus: 0,
+            max_memory_mib: 0,
             kernel_params: String::new(),
             debug_console: false,
             log_level: "info".into(),

@@ -17,6 +17,9 @@ pub enum LaunchError {
     /// The moat configuration is unreadable or invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The pod asks for a larger VM than allowed.
+    #[error(transparent)]
+    Sizing(#[from] crate::sizing::SizingError),
     /// moat-vmm or the guest agent failed to come up.
     #[error(transparent)]
     Boot(#[from] SandboxError),

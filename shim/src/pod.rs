@@ -30,6 +30,7 @@ use crate::oom;
 use crate::portforward::Forwarder;
 use crate::rootfs;
 use crate::sandbox::{Sandbox, SandboxSpec};
+use crate::sizing::{self, PodResources};
 
 /// A running pod VM, as the Task service uses it.
 #[async_trait]
@@ -72,6 +73,8 @@ pub struct PodSpec {
     pub netns: Option<PathBuf>,
     /// The `ConfigPath` of containerd's runtime options, if given.
     pub config_path: Option<PathBuf>,
+    /// What the pod asks for ([`sizing`]).
+    pub resources: PodResources,
 }
 
 /// Launches pod VMs.
@@ -88,6 +91,7 @@ pub struct VmmLauncher;
 impl PodLauncher for VmmLauncher {
     async fn launch(&self, spec: &PodSpec) -> Result<Arc<dyn PodVm>, LaunchError> {
         let config = Config::load(spec.config_path.as_deref())?;
+        let size = sizing::size(&config, &spec.resources, sizing::host_limits())?;
         let sandbox = Sandbox::boot(
             &config,
             &SandboxSpec {
@@ -95,6 +99,7 @@ impl PodLauncher for VmmLauncher {
                 id: spec.id.clone(),
                 hostname: spec.hostname.clone(),
                 netns: spec.netns.clone(),
+                size,
             },
         )
         .await?;
@@ -231,6 +236,7 @@ impl Pod {
                 .to_owned(),
             netns: network::netns_path(spec)?,
             config_path: config_path_option(options),
+            resources: PodResources::from_spec(spec),
         };
         let vm = self.launcher.launch(&pod).await?;
         oom::spawn_watcher(vm.agent().clone(), self.events.clone());

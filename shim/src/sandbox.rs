@@ -32,6 +32,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::mounts::{make_share, unmount_below};
 use crate::network;
+use crate::sizing::VmSize;
 
 /// How long a well-behaved guest gets to power off before moat-vmm is killed.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
@@ -137,6 +138,8 @@ pub struct SandboxSpec {
     /// The pod's network namespace ([`crate::network::netns_path`] of the spec); `None`: the VM
     /// gets no NIC.
     pub netns: Option<PathBuf>,
+    /// vCPUs and memory ([`crate::sizing`]).
+    pub size: VmSize,
 }
 
 /// A running pod VM with a connected agent.
@@ -235,9 +238,9 @@ impl Sandbox {
             .arg("--initrd")
             .arg(&config.initrd)
             .arg("--vcpus")
-            .arg(config.vcpus.to_string())
+            .arg(spec.size.vcpus.to_string())
             .arg("--mem-mib")
-            .arg(config.memory_mib.to_string())
+            .arg(spec.size.memory_mib.to_string())
             .arg("--cmdline")
             .arg(&cmdline)
             .arg("--serial")

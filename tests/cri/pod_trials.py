@@ -356,6 +356,44 @@ def t_stop_remove(pod):
     ensure(os.path.exists(os.path.join(pod.logs, "init.log")), "container logs vanished with the pod")
 
 
+def t_pod_resources(pod):
+    """A pod with a 1 GiB memory limit and a CPU limit of 2 (the kubelet passes them in the pod
+    config; containerd hands them to the runtime as sandbox annotations): a container allocates
+    and touches 900 MiB. Under moat the VM is sized from them: 2 online vCPUs and at least the
+    limit as guest memory (under runc both are the host's)."""
+    d = pod.dir
+    cfg = write_json(os.path.join(d, "sized-pod.json"), {
+        "metadata": {"name": "sized", "namespace": "moat-trials", "uid": str(uuid.uuid4()),
+                     "attempt": 0},
+        "log_directory": pod.logs,
+        "linux": {"resources": {"memory_limit_in_bytes": 1 << 30, "cpu_period": 100000,
+                                "cpu_quota": 200000}},
+    })
+    args = ["runp"] + (["--runtime", RUNTIME] if RUNTIME else []) + [cfg]
+    pid = crictl(*args, timeout=600).stdout.strip()
+    try:
+        ccfg = write_json(os.path.join(d, "sized.json"), {
+            "metadata": {"name": "big"}, "image": {"image": IMAGE},
+            "command": ["sleep", "100000"], "log_path": "big.log",
+            "linux": {"resources": {"memory_limit_in_bytes": 1 << 30, "cpu_period": 100000,
+                                    "cpu_quota": 200000}},
+        })
+        cid = crictl("create", pid, ccfg, cfg, timeout=300).stdout.strip()
+        crictl("start", cid, timeout=300)
+        rc, out = exec_in(cid, "dd if=/dev/zero of=/dev/null bs=900M count=1 2>&1", check=False)
+        ensure(rc == 0, f"allocating and touching 900 MiB under a 1 GiB limit failed: {out!r}")
+        _, out = exec_in(cid, "nproc; grep MemTotal /proc/meminfo")
+        lines = out.split()
+        cpus, mem_kib = int(lines[0]), int(lines[2])
+        if RUNTIME == "moat":
+            ensure(cpus == 2, f"the pod VM has {cpus} vCPUs for a CPU limit of 2")
+            ensure(mem_kib >= 1 << 20, f"the pod VM has {mem_kib} KiB for a 1 GiB limit")
+        print(f"  sized pod: {cpus} CPUs, MemTotal {mem_kib} KiB", flush=True)
+    finally:
+        crictl("stopp", pid, check=False, timeout=300)
+        crictl("rmp", "-f", pid, check=False, timeout=300)
+
+
 TRIALS = [
     ("three_containers_one_exited", t_three_containers),
     ("logs_through_cri_log_files", t_logs),
@@ -371,6 +409,7 @@ TRIALS = [
     ("pod_sysctls", t_sysctls),
     ("hostname_and_dns", t_hostname_dns),
     ("stop_remove_ordering", t_stop_remove),
+    ("pod_resources_size_the_vm", t_pod_resources),
 ]
 
 
