@@ -379,6 +379,9 @@ impl Cgroup {
         let ms = read_kv(&self.dir.join("memory.stat"));
         m.anon_bytes = get(&ms, "anon");
         m.file_bytes = get(&ms, "file");
+        m.stat = ms.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        m.swap_usage_bytes = read_u64(&self.dir.join("memory.swap.current"));
+        m.swap_limit_bytes = read_u64(&self.dir.join("memory.swap.max"));
         let me = read_kv(&self.dir.join("memory.events"));
         m.oom_events = get(&me, "oom");
         m.oom_kill_events = get(&me, "oom_kill");
