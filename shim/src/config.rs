@@ -79,6 +79,9 @@ pub struct Config {
     /// off only on hosts that cannot create user namespaces (`user.max_user_namespaces=0`, an
     /// LSM policy): moat-vmm then keeps its file capabilities in the host's namespace.
     pub vmm_user_namespace: bool,
+    /// Run moat-vmm in the pod's host cgroup (the sandbox's `cgroupsPath`), so the pod's limits
+    /// and RuntimeClass overhead bound the VM on the host ([`crate::cgroup`]).
+    pub sandbox_cgroup: bool,
 }
 
 impl Default for Config {
@@ -97,6 +100,7 @@ impl Default for Config {
             state_dir: PathBuf::from("/run/moat"),
             boot_timeout_secs: 120,
             vmm_user_namespace: true,
+            sandbox_cgroup: true,
         }
     }
 }

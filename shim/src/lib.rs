@@ -11,6 +11,7 @@
 //! containerd), [`oom`] (OOM events), [`metrics`] (stats for containerd), [`error`] (Task errors
 //! and their ttrpc codes), [`config`] (the TOML configuration).
 
+pub mod cgroup;
 pub mod config;
 pub mod error;
 pub mod events;

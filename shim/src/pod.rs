@@ -75,6 +75,8 @@ pub struct PodSpec {
     pub config_path: Option<PathBuf>,
     /// What the pod asks for ([`sizing`]).
     pub resources: PodResources,
+    /// The first container's `linux.cgroupsPath` (the CRI sandbox's: the pod's cgroup).
+    pub cgroups_path: Option<String>,
 }
 
 /// Launches pod VMs.
@@ -100,6 +102,7 @@ impl PodLauncher for VmmLauncher {
                 hostname: spec.hostname.clone(),
                 netns: spec.netns.clone(),
                 size,
+                cgroups_path: spec.cgroups_path.clone(),
             },
         )
         .await?;
@@ -237,6 +240,11 @@ impl Pod {
             netns: network::netns_path(spec)?,
             config_path: config_path_option(options),
             resources: PodResources::from_spec(spec),
+            cgroups_path: spec
+                .pointer("/linux/cgroupsPath")
+                .and_then(Value::as_str)
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned),
         };
         let vm = self.launcher.launch(&pod).await?;
         oom::spawn_watcher(vm.agent().clone(), self.events.clone());

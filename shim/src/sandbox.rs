@@ -29,6 +29,7 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::cgroup::{self, CgroupError, PodCgroup};
 use crate::config::Config;
 use crate::mounts::{make_share, unmount_below};
 use crate::network;
@@ -51,6 +52,15 @@ pub enum SandboxError {
         key: &'static str,
         /// The path looked at.
         path: PathBuf,
+    },
+    /// The pod's host cgroup could not be made or entered.
+    #[error("sandbox {id}: {source} (set sandbox_cgroup = false in the moat config to run the VM outside the pod's cgroup)")]
+    Cgroup {
+        /// The pod.
+        id: String,
+        /// The error.
+        #[source]
+        source: CgroupError,
     },
     /// A file or process operation on the host failed.
     #[error("sandbox {id}: {what}: {source}")]
@@ -140,6 +150,8 @@ pub struct SandboxSpec {
     pub netns: Option<PathBuf>,
     /// vCPUs and memory ([`crate::sizing`]).
     pub size: VmSize,
+    /// The sandbox's `linux.cgroupsPath`, where moat-vmm runs ([`crate::cgroup`]).
+    pub cgroups_path: Option<String>,
 }
 
 /// A running pod VM with a connected agent.
@@ -256,6 +268,38 @@ impl Sandbox {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2);
+        let cgroup = match spec
+            .cgroups_path
+            .as_deref()
+            .filter(|_| config.sandbox_cgroup)
+        {
+            Some(path) => {
+                let root = Path::new(cgroup::CGROUP_ROOT);
+                match cgroup::resolve(root, path).and_then(|d| PodCgroup::create(root, d, &dir)) {
+                    Ok(c) => Some(c),
+                    Err(source) => {
+                        cleanup_state(&dir);
+                        return Err(SandboxError::Cgroup { id, source });
+                    }
+                }
+            }
+            None => None,
+        };
+        if let Some(cg) = &cgroup {
+            let fd = cg.procs_fd();
+            info!("sandbox {id}: moat-vmm runs in cgroup {}", cg.dir.display());
+            // SAFETY: between fork and exec the closure only calls write(2), which is
+            // async-signal-safe, on a descriptor opened before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         info!("sandbox {id}: starting {cmd:?}");
         let mut child = cmd.spawn().map_err(|e| {
             cleanup_state(&dir);
@@ -447,6 +491,7 @@ pub fn cleanup_state(dir: &Path) {
         }
     }
     network::teardown_recorded(dir);
+    cgroup::remove_recorded(Path::new(cgroup::CGROUP_ROOT), dir);
     if !unmount_below(dir) {
         return;
     }

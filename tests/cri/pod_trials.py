@@ -378,16 +378,45 @@ def t_pod_resources(pod):
     and touches 900 MiB. Under moat the VM is sized from them: 2 online vCPUs and at least the
     limit as guest memory (under runc both are the host's)."""
     d = pod.dir
+    uid = str(uuid.uuid4())
+    # The pod cgroup, as the kubelet makes it (cgroupfs driver): bounded by the pod's limit plus
+    # the RuntimeClass overhead.
+    parent = f"/moat-trials/pod{uid}"
+    parent_dir = "/sys/fs/cgroup" + parent
+    os.makedirs(parent_dir, exist_ok=True)
+    for c in ("/sys/fs/cgroup", "/sys/fs/cgroup/moat-trials"):
+        try:
+            with open(os.path.join(c, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory +cpu +pids")
+        except OSError:
+            pass
+    with open(os.path.join(parent_dir, "memory.max"), "w") as f:
+        f.write(str((1 << 30) + (512 << 20)))
     cfg = write_json(os.path.join(d, "sized-pod.json"), {
-        "metadata": {"name": "sized", "namespace": "moat-trials", "uid": str(uuid.uuid4()),
-                     "attempt": 0},
+        "metadata": {"name": "sized", "namespace": "moat-trials", "uid": uid, "attempt": 0},
         "log_directory": pod.logs,
-        "linux": {"resources": {"memory_limit_in_bytes": 1 << 30, "cpu_period": 100000,
+        "linux": {"cgroup_parent": parent,
+                  "resources": {"memory_limit_in_bytes": 1 << 30, "cpu_period": 100000,
                                 "cpu_quota": 200000}},
     })
     args = ["runp"] + (["--runtime", RUNTIME] if RUNTIME else []) + [cfg]
     pid = crictl(*args, timeout=600).stdout.strip()
     try:
+        # The sandbox runs in <pod cgroup>/<sandbox id>: runc's pause there, moat's whole VMM
+        # (guest RAM included) there.
+        leaf = os.path.join(parent_dir, pid)
+        with open(os.path.join(leaf, "cgroup.procs")) as f:
+            procs = [int(p) for p in f.read().split()]
+        comms = []
+        for p in procs:
+            try:
+                with open(f"/proc/{p}/comm") as f:
+                    comms.append(f.read().strip())
+            except OSError:
+                pass
+        ensure(comms, f"nothing runs in the sandbox's cgroup {leaf}")
+        if RUNTIME == "moat":
+            ensure(set(comms) == {"moat-vmm"}, f"the pod cgroup holds {comms}, not moat-vmm")
         ccfg = write_json(os.path.join(d, "sized.json"), {
             "metadata": {"name": "big"}, "image": {"image": IMAGE},
             "command": ["sleep", "100000"], "log_path": "big.log",
@@ -408,6 +437,13 @@ def t_pod_resources(pod):
     finally:
         crictl("stopp", pid, check=False, timeout=300)
         crictl("rmp", "-f", pid, check=False, timeout=300)
+    ensure(not os.path.exists(os.path.join(parent_dir, pid)),
+           "the sandbox's cgroup is left after the pod was removed")
+    for dead in (parent_dir, "/sys/fs/cgroup/moat-trials"):
+        try:
+            os.rmdir(dead)
+        except OSError:
+            pass
 
 
 TRIALS = [
