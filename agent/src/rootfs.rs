@@ -73,7 +73,9 @@ pub fn parse_options(opts: &[String]) -> (MsFlags, MsFlags, String) {
     let mut data = Vec::new();
     for o in opts {
         let (set, clear, p) = match o.as_str() {
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty(), MsFlags::empty()),
+            // `rro` (recursive read-only): the host makes every mount below read-only; here
+            // the bind itself shows it.
+            "ro" | "rro" => (MsFlags::MS_RDONLY, MsFlags::empty(), MsFlags::empty()),
             "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY, MsFlags::empty()),
             "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty(), MsFlags::empty()),
             "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID, MsFlags::empty()),

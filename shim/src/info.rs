@@ -19,6 +19,8 @@ pub fn features() -> serde_json::Value {
     serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
+        // `rro`: the shim makes every mount below such a bind read-only on the host.
+        "mountOptions": ["ro", "rw", "bind", "rbind", "rro", "nosuid", "nodev", "noexec"],
         "linux": {
             // No user namespaces inside the guest (yet): not listed.
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
@@ -72,7 +74,8 @@ mod tests {
         assert_eq!(info.features.type_url, FEATURES_TYPE_URL);
         let f: serde_json::Value = serde_json::from_slice(&info.features.value).unwrap();
         assert_eq!(f["linux"]["cgroup"]["v2"], true);
-        assert!(f.get("mountOptions").is_none(), "rro is not claimed");
+        let opts = f["mountOptions"].as_array().unwrap();
+        assert!(opts.iter().any(|o| o == "rro"), "{opts:?}");
     }
 
     #[test]

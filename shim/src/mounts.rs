@@ -14,7 +14,8 @@
 //! copy, and the VMM — the process that writes on the guest's behalf — would keep a writable,
 //! `dev`, `suid` one. So binds are cloned detached (`open_tree(OPEN_TREE_CLONE)`), restricted
 //! recursively there (`mount_setattr(AT_RECURSIVE)`, propagation private: host mounts appearing
-//! later below the source do not follow), and only then attached (`move_mount`).
+//! later below the source do not follow; `ro` of the bind itself, or of the whole tree for
+//! `rro`), and only then attached (`move_mount`).
 
 use std::ffi::CString;
 use std::fs;
@@ -43,40 +44,56 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// What a mount below the pod's shared directory must be on the host: always `nodev,nosuid`,
-/// and read-only for binds the spec marks `ro`.
+/// What a mount below the pod's shared directory must be on the host: always `nodev,nosuid`
+/// (the whole tree), and read-only for binds the spec marks `ro` — the bind itself, as runc's
+/// `rbind,ro` makes it (a host mount below the source keeps its own flags: Kubernetes'
+/// non-recursive read-only volumes) — or the whole tree for `rro` (recursive read-only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Restriction {
-    /// Read-only as well.
+    /// The bind's top mount is read-only.
     pub read_only: bool,
+    /// Every mount of the tree is read-only.
+    pub read_only_submounts: bool,
 }
 
 impl Restriction {
     /// `nodev,nosuid`.
-    pub const WRITABLE: Self = Self { read_only: false };
-    /// `ro,nodev,nosuid`.
-    pub const READ_ONLY: Self = Self { read_only: true };
+    pub const WRITABLE: Self = Self {
+        read_only: false,
+        read_only_submounts: false,
+    };
+    /// `ro` on the top, `nodev,nosuid` everywhere.
+    pub const READ_ONLY: Self = Self {
+        read_only: true,
+        read_only_submounts: false,
+    };
+    /// `ro,nodev,nosuid` everywhere.
+    pub const READ_ONLY_RECURSIVE: Self = Self {
+        read_only: true,
+        read_only_submounts: true,
+    };
 
+    /// The attributes set on every mount of the tree.
     fn attrs(self) -> u64 {
         let base = MOUNT_ATTR_NODEV | MOUNT_ATTR_NOSUID;
-        if self.read_only {
+        if self.read_only_submounts {
             base | MOUNT_ATTR_RDONLY
         } else {
             base
         }
     }
 
-    /// The mountinfo per-mount options every mount of the tree must show.
-    fn required(self) -> &'static [&'static str] {
-        if self.read_only {
+    /// The mountinfo per-mount options a mount of the tree must show (`top`: the bind itself).
+    fn required(self, top: bool) -> &'static [&'static str] {
+        if self.read_only_submounts || (top && self.read_only) {
             &["ro", "nodev", "nosuid"]
         } else {
             &["nodev", "nosuid"]
         }
     }
 
-    fn shown(self) -> &'static str {
-        if self.read_only {
+    fn shown(self, top: bool) -> &'static str {
+        if self.read_only_submounts || (top && self.read_only) {
             "ro,nodev,nosuid"
         } else {
             "nodev,nosuid"
@@ -233,6 +250,29 @@ fn bind_with_attrs(
     if rc < 0 {
         return Err(fail("mount_setattr")(Errno::last()));
     }
+    if restriction.read_only && !restriction.read_only_submounts {
+        // `ro` of the bind itself, not of the host mounts below it.
+        let top = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: as above, with `top`.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint,
+                &top as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc < 0 {
+            return Err(fail("mount_setattr")(Errno::last()));
+        }
+    }
     // SAFETY: move_mount reads the two empty NUL-terminated paths and uses two fds we hold; it
     // writes no memory of ours.
     let rc = unsafe {
@@ -347,13 +387,14 @@ pub fn check_tree(id: u64, restriction: Restriction) -> Result<(), MountError> {
         i += 1;
     }
     for m in tree {
+        let top = m.id == id;
         let opts: Vec<&str> = m.options.split(',').collect();
-        if let Some(missing) = restriction.required().iter().find(|o| !opts.contains(o)) {
+        if let Some(missing) = restriction.required(top).iter().find(|o| !opts.contains(o)) {
             return Err(MountError::NotRestricted {
                 mount_point: m.mount_point.clone(),
                 missing,
                 options: m.options.clone(),
-                required: restriction.shown(),
+                required: restriction.shown(top),
             });
         }
     }
@@ -614,8 +655,10 @@ pub(crate) mod tests {
         (share, src, target)
     }
 
+    /// `ro` (runc's `rbind,ro`, Kubernetes' non-recursive read-only volume): the bind is
+    /// read-only, a host mount below its source keeps its own flags (but nodev,nosuid).
     #[test]
-    fn ro_bind_is_read_only_on_the_host_with_its_submounts() {
+    fn ro_bind_is_read_only_on_the_host_and_its_submounts_keep_their_flags() {
         if !root() {
             return;
         }
@@ -624,6 +667,43 @@ pub(crate) mod tests {
         let (_share, src, target) = fixture(tmp.path());
         let t = open_dir(&target);
         bind_restricted(&src, true, t.as_fd(), &target, Restriction::READ_ONLY).unwrap();
+
+        assert_eq!(write_err(&target.join("file")), Some(libc::EROFS));
+        assert_eq!(write_err(&target.join("new")), Some(libc::EROFS));
+        assert_eq!(write_err(&target.join("sub/file")), None);
+        let lines = lines_below(&target);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        for m in &lines {
+            let o: Vec<&str> = m.options.split(',').collect();
+            let want: &[&str] = if m.mount_point == target {
+                &["ro", "nodev", "nosuid"]
+            } else {
+                &["rw", "nodev", "nosuid"]
+            };
+            for w in want {
+                assert!(o.contains(w), "{m:?} lacks {w}");
+            }
+        }
+    }
+
+    /// `rro`: every mount of the tree is read-only on the host.
+    #[test]
+    fn rro_bind_is_read_only_on_the_host_with_its_submounts() {
+        if !root() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let _u = Unmount(tmp.path().to_owned());
+        let (_share, src, target) = fixture(tmp.path());
+        let t = open_dir(&target);
+        bind_restricted(
+            &src,
+            true,
+            t.as_fd(),
+            &target,
+            Restriction::READ_ONLY_RECURSIVE,
+        )
+        .unwrap();
 
         assert_eq!(write_err(&target.join("file")), Some(libc::EROFS));
         assert_eq!(write_err(&target.join("sub/file")), Some(libc::EROFS));
@@ -674,7 +754,14 @@ pub(crate) mod tests {
         assert_eq!(line.trim(), "ready");
 
         let t = open_dir(&target);
-        bind_restricted(&src, true, t.as_fd(), &target, Restriction::READ_ONLY).unwrap();
+        bind_restricted(
+            &src,
+            true,
+            t.as_fd(),
+            &target,
+            Restriction::READ_ONLY_RECURSIVE,
+        )
+        .unwrap();
         // A host mount appearing below the source later does not reach the share.
         fs::create_dir_all(src.join("late")).unwrap();
         let late = src.join("late");

@@ -224,9 +224,12 @@ fn is_bind<S: AsRef<str>>(fstype: &str, options: &[S]) -> bool {
             .any(|o| matches!(o.as_ref(), "bind" | "rbind"))
 }
 
-/// `ro` (or runc's recursive `rro`) among the options: read-only on the host.
+/// `ro` among the options: the bind read-only on the host (runc's `rbind,ro`: host mounts below
+/// the source keep their flags); runc's recursive `rro`: every mount of it read-only.
 fn restriction_of<S: AsRef<str>>(options: &[S]) -> Restriction {
-    if options.iter().any(|o| matches!(o.as_ref(), "ro" | "rro")) {
+    if options.iter().any(|o| o.as_ref() == "rro") {
+        Restriction::READ_ONLY_RECURSIVE
+    } else if options.iter().any(|o| o.as_ref() == "ro") {
         Restriction::READ_ONLY
     } else {
         Restriction::WRITABLE
