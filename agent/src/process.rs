@@ -215,31 +215,32 @@ pub async fn spawn(
     let (pid, res) =
         tokio::task::spawn_blocking(move || -> std::result::Result<Spawned, SpawnError> {
             let mut h = spawn_helper(&r, &cfg, child_fds)?;
+            let pid = h.pid;
             let res = match wait {
-                WaitFor::Ready => h.wait_ready(terminal).map(|m| (None, m)),
+                WaitFor::Ready => h.wait_ready(terminal).map(|m| (Some(h.sock), m)),
                 WaitFor::Exec => h.wait_exec(terminal).map(|m| (None, m)),
             };
-            let res = match (wait, res) {
-                (WaitFor::Ready, Ok((_, m))) => Ok((Some(h.sock), m)),
-                (_, r) => r,
-            };
-            Ok((h.pid, res))
+            Ok((pid, res))
         })
         .await
         .map_err(|source| AgentError::Task {
             what: "setup task",
             source,
         })??;
-    let (sock, pio) = match res {
-        Ok((sock, master)) => match (pipes, master) {
-            (Some(pio), _) => (sock, Ok(pio)),
-            (None, Some(master)) => (sock, stdio::from_pty(master).map_err(AgentError::from)),
-            (None, None) => (sock, Ok(empty_io())),
-        },
-        Err(e) => (None, Err(AgentError::from(e))),
-    };
-    match pio {
-        Ok(pio) => Ok((Process::new(reaper, pid, pio), sock)),
+    // The streams: the pipes made here, or the terminal the helper sent (a helper that had to
+    // send one and did not failed in `wait_*`).
+    let streams = res.map_err(AgentError::from).and_then(|(sock, master)| {
+        let pio = match (pipes, master) {
+            (Some(pio), _) => pio,
+            (None, master) => master
+                .map(stdio::from_pty)
+                .transpose()?
+                .unwrap_or_else(empty_io),
+        };
+        Ok((pio, sock))
+    });
+    match streams {
+        Ok((pio, sock)) => Ok((Process::new(reaper, pid, pio), sock)),
         Err(e) => {
             let p = Process::new(reaper, pid, empty_io());
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

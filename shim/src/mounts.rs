@@ -236,21 +236,7 @@ fn bind_with_attrs(
         propagation: libc::MS_PRIVATE,
         userns_fd: 0,
     };
-    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes of `attr`, which outlives the
-    // call, and the empty NUL-terminated path; it writes no memory of ours.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            setattr_flags as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(fail("mount_setattr")(Errno::last()));
-    }
+    mount_setattr(tree.as_fd(), setattr_flags, &attr).map_err(fail("mount_setattr"))?;
     if restriction.read_only && !restriction.read_only_submounts {
         // `ro` of the bind itself, not of the host mounts below it.
         let top = MountAttr {
@@ -259,20 +245,7 @@ fn bind_with_attrs(
             propagation: 0,
             userns_fd: 0,
         };
-        // SAFETY: as above, with `top`.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH as libc::c_uint,
-                &top as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if rc < 0 {
-            return Err(fail("mount_setattr")(Errno::last()));
-        }
+        mount_setattr(tree.as_fd(), libc::AT_EMPTY_PATH, &top).map_err(fail("mount_setattr"))?;
     }
     // SAFETY: move_mount reads the two empty NUL-terminated paths and uses two fds we hold; it
     // writes no memory of ours.
@@ -319,6 +292,27 @@ pub fn submounts(id: u64) -> Result<Vec<(PathBuf, bool)>, MountError> {
             Some((rel.to_path_buf(), ro))
         })
         .collect())
+}
+
+/// `mount_setattr(2)` of the mount tree `fd` names (`flags`: `AT_EMPTY_PATH`, `AT_RECURSIVE`).
+fn mount_setattr(fd: BorrowedFd<'_>, flags: libc::c_int, attr: &MountAttr) -> Result<(), Errno> {
+    // SAFETY: mount_setattr reads `size_of::<MountAttr>()` bytes of `attr`, which outlives the
+    // call, and the empty NUL-terminated path; it writes no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            flags as libc::c_uint,
+            attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if rc < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
 }
 
 /// Lazily unmounts the mount whose root `fd` names.

@@ -67,21 +67,32 @@ fn open_dir(p: &Path) -> fs::File {
     fs::File::open(p).unwrap()
 }
 
-/// A shared directory as the shim makes it, a source with a file and a submount (a tmpfs
-/// with a file of its own), and an empty target directory below the share.
-fn fixture(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let share = tmp.join("share");
-    let src = tmp.join("src");
-    fs::create_dir_all(src.join("sub")).unwrap();
-    fs::write(src.join("file"), b"host").unwrap();
+/// Mounts a 1 MiB tmpfs on `dir` (made first if missing).
+pub(crate) fn mount_tmpfs(dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
     nix::mount::mount(
         Some("tmpfs"),
-        &src.join("sub"),
+        dir,
         Some("tmpfs"),
         nix::mount::MsFlags::empty(),
         Some("size=1m"),
     )
     .unwrap();
+}
+
+/// [`bind_restricted`] of `src` with its submounts on the directory `target`.
+fn bind_dir(src: &Path, target: &Path, restriction: Restriction) -> Result<u64, MountError> {
+    bind_restricted(src, true, open_dir(target).as_fd(), target, restriction)
+}
+
+/// A shared directory as the shim makes it, a source with a file and a submount (a tmpfs
+/// with a file of its own), and an empty target directory below the share.
+fn fixture(tmp: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let share = tmp.join("share");
+    let src = tmp.join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("file"), b"host").unwrap();
+    mount_tmpfs(&src.join("sub"));
     fs::write(src.join("sub/file"), b"host").unwrap();
     fs::create_dir_all(&share).unwrap();
     make_share(&share).unwrap();
@@ -100,8 +111,7 @@ fn ro_bind_is_read_only_on_the_host_and_its_submounts_keep_their_flags() {
     let tmp = tempfile::tempdir().unwrap();
     let _u = Unmount(tmp.path().to_owned());
     let (_share, src, target) = fixture(tmp.path());
-    let t = open_dir(&target);
-    bind_restricted(&src, true, t.as_fd(), &target, Restriction::READ_ONLY).unwrap();
+    bind_dir(&src, &target, Restriction::READ_ONLY).unwrap();
 
     assert_eq!(write_err(&target.join("file")), Some(libc::EROFS));
     assert_eq!(write_err(&target.join("new")), Some(libc::EROFS));
@@ -130,15 +140,7 @@ fn rro_bind_is_read_only_on_the_host_with_its_submounts() {
     let tmp = tempfile::tempdir().unwrap();
     let _u = Unmount(tmp.path().to_owned());
     let (_share, src, target) = fixture(tmp.path());
-    let t = open_dir(&target);
-    bind_restricted(
-        &src,
-        true,
-        t.as_fd(),
-        &target,
-        Restriction::READ_ONLY_RECURSIVE,
-    )
-    .unwrap();
+    bind_dir(&src, &target, Restriction::READ_ONLY_RECURSIVE).unwrap();
 
     assert_eq!(write_err(&target.join("file")), Some(libc::EROFS));
     assert_eq!(write_err(&target.join("sub/file")), Some(libc::EROFS));
@@ -188,26 +190,10 @@ fn propagated_copies_are_restricted_too() {
     out.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
 
-    let t = open_dir(&target);
-    bind_restricted(
-        &src,
-        true,
-        t.as_fd(),
-        &target,
-        Restriction::READ_ONLY_RECURSIVE,
-    )
-    .unwrap();
+    bind_dir(&src, &target, Restriction::READ_ONLY_RECURSIVE).unwrap();
     // A host mount appearing below the source later does not reach the share.
-    fs::create_dir_all(src.join("late")).unwrap();
     let late = src.join("late");
-    nix::mount::mount(
-        Some("tmpfs"),
-        &late,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
+    mount_tmpfs(&late);
     fs::write(late.join("file"), b"x").unwrap();
     assert!(!target.join("late/file").exists());
 
@@ -242,8 +228,7 @@ fn writable_bind_is_nodev_nosuid() {
         nix::sys::stat::makedev(1, 3),
     )
     .unwrap();
-    let t = open_dir(&target);
-    bind_restricted(&src, true, t.as_fd(), &target, Restriction::WRITABLE).unwrap();
+    bind_dir(&src, &target, Restriction::WRITABLE).unwrap();
     fs::write(target.join("file"), b"guest").unwrap();
     let err = fs::File::open(target.join("null")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");

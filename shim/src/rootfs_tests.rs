@@ -1,7 +1,9 @@
 //! Tests of [`super`] (rootfs.rs) on the real mount table (as root).
 
 use super::*;
+use crate::mounts::tests::{mount_tmpfs, options_below, root, Unmount};
 use moat_protocol::guest_shared_path;
+use nix::sys::stat::{makedev, mknod, Mode as StatMode, SFlag};
 
 #[test]
 fn ids_must_be_one_plain_component() {
@@ -82,9 +84,6 @@ fn entries_planted_in_the_shared_directory_are_refused() {
     remove_container_files(&shared, "c1");
     assert!(!shared.join("c1").exists() && outside.is_dir());
 }
-
-use crate::mounts::tests::{options_below, root, Unmount};
-use nix::sys::stat::{makedev, mknod, Mode as StatMode, SFlag};
 
 /// A pod shared directory as the shim makes it, and a bundle.
 fn pod(tmp: &Path) -> (PathBuf, PathBuf) {
@@ -246,15 +245,7 @@ fn a_ro_volume_keeps_its_writable_submount_writable_in_the_guest() {
     let _u = Unmount(tmp.path().to_owned());
     let (shared, bundle) = pod(tmp.path());
     let vol = tmp.path().join("vol");
-    fs::create_dir_all(vol.join("tmpfs")).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &vol.join("tmpfs"),
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
+    mount_tmpfs(&vol.join("tmpfs"));
     let spec = serde_json::json!({"mounts": [
         {"destination": "/mnt", "type": "bind", "source": vol, "options": ["rbind", "ro"]},
         {"destination": "/other", "type": "tmpfs", "source": "tmpfs"}
@@ -296,15 +287,7 @@ fn unrestrictable_bind_fails_the_create_and_leaves_nothing() {
     let ok = tmp.path().join("ok");
     let unbindable = tmp.path().join("unbindable");
     fs::create_dir_all(&ok).unwrap();
-    fs::create_dir_all(&unbindable).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &unbindable,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=1m"),
-    )
-    .unwrap();
+    mount_tmpfs(&unbindable);
     nix::mount::mount(
         None::<&str>,
         &unbindable,
