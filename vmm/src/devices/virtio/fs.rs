@@ -268,6 +268,181 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Sends one FUSE request (header + `body`) and returns the reply's error and payload.
+    fn call(fs: &mut Fs, d: &mut Driver, opcode: u32, nodeid: u64, body: &[u8]) -> (i32, Vec<u8>) {
+        let len = (std::mem::size_of::<InHeader>() + body.len()) as u32;
+        let unique = u64::from(d.used_idx()) + 100;
+        let hdr = InHeader {
+            len,
+            opcode,
+            unique,
+            nodeid,
+            ..Default::default()
+        };
+        d.mem.write_obj(hdr, GuestAddress(REQ)).unwrap();
+        let at = REQ + std::mem::size_of::<InHeader>() as u64;
+        d.mem.write_slice(body, GuestAddress(at)).unwrap();
+        d.mem
+            .write_slice(&[0u8; 4096], GuestAddress(REPLY))
+            .unwrap();
+        d.add_chain(&[(REQ, len, false), (REPLY, 4096, true)]);
+        let before = d.used_idx();
+        fs.process_queue(1);
+        assert_eq!(
+            d.used_idx(),
+            before.wrapping_add(1),
+            "one reply per request"
+        );
+        let out: OutHeader = d.mem.read_obj(GuestAddress(REPLY)).unwrap();
+        assert_eq!(out.unique, unique);
+        let n = (out.len as usize).saturating_sub(std::mem::size_of::<OutHeader>());
+        let mut payload = vec![0u8; n];
+        d.mem
+            .read_slice(
+                &mut payload,
+                GuestAddress(REPLY + std::mem::size_of::<OutHeader>() as u64),
+            )
+            .unwrap();
+        (out.error, payload)
+    }
+
+    /// Escape row f at the VMM (docs/security.md): a hostile guest kernel names nodeids and
+    /// file handles it was never given. fuse-backend-rs resolves them only in its own inode
+    /// and handle tables, so every forged one fails and nothing outside the share is reached:
+    /// each successful reply's inode is one of the share's.
+    #[test]
+    fn forged_nodeids_and_handles_reach_nothing_outside_the_share() {
+        use fuse_backend_rs::abi::fuse_abi::{
+            AttrOut, EntryOut, GetattrIn, OpenIn, OpenOut, ReadIn,
+        };
+        use std::os::unix::fs::MetadataExt;
+        const GETATTR: u32 = 3;
+        const OPEN: u32 = 14;
+        const READ: u32 = 15;
+        const OPENDIR: u32 = 27;
+
+        let top = std::env::temp_dir().join(format!("moat-vfs-forged-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&top);
+        let dir = top.join("share");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("hello"), b"hi").unwrap();
+        std::fs::write(top.join("secret"), b"host secret").unwrap();
+        let share_inodes: std::collections::HashSet<u64> = [".", "sub", "hello"]
+            .iter()
+            .map(|n| std::fs::metadata(dir.join(n)).unwrap().ino())
+            .collect();
+        let outside = [
+            std::fs::metadata(&top).unwrap().ino(),
+            std::fs::metadata(top.join("secret")).unwrap().ino(),
+        ];
+        let mut fs = Fs::new("share", &dir).unwrap();
+        let mut d = Driver::new(64);
+        activate(&mut fs, &d);
+        let init = InitIn {
+            major: 7,
+            minor: 31,
+            max_readahead: 0,
+            flags: 0,
+        };
+        assert_eq!(call(&mut fs, &mut d, FUSE_INIT, 0, init.as_slice()).0, 0);
+
+        // What the guest was given: the root and the entries it looked up.
+        let mut given = vec![1u64];
+        for name in ["hello", "sub", "..", "."] {
+            let mut body = name.as_bytes().to_vec();
+            body.push(0);
+            let (err, out) = call(&mut fs, &mut d, FUSE_LOOKUP, 1, &body);
+            assert_eq!(err, 0, "lookup {name}");
+            let e = EntryOut::from_slice(&out[..std::mem::size_of::<EntryOut>()]).unwrap();
+            assert!(
+                share_inodes.contains(&e.attr.ino),
+                "{name} resolved outside the share"
+            );
+            given.push(e.nodeid);
+        }
+        // Names that are paths are refused, never resolved against the host.
+        for name in ["../secret", "/etc/passwd", "sub/../../secret"] {
+            let mut body = name.as_bytes().to_vec();
+            body.push(0);
+            assert_ne!(call(&mut fs, &mut d, FUSE_LOOKUP, 1, &body).0, 0, "{name}");
+        }
+
+        let forged: Vec<u64> = (0..=48u64)
+            .chain([
+                64,
+                255,
+                1 << 20,
+                1 << 32,
+                (1 << 56) + 1,
+                u64::MAX - 1,
+                u64::MAX,
+            ])
+            .chain(outside)
+            .filter(|n| !given.contains(n))
+            .collect();
+        let mut refused = 0;
+        for &node in &forged {
+            let ga = GetattrIn::default();
+            let (err, out) = call(&mut fs, &mut d, GETATTR, node, ga.as_slice());
+            if err == 0 {
+                let a = AttrOut::from_slice(&out[..std::mem::size_of::<AttrOut>()]).unwrap();
+                assert!(
+                    share_inodes.contains(&a.attr.ino),
+                    "nodeid {node} reached {}",
+                    a.attr.ino
+                );
+            } else {
+                refused += 1;
+            }
+            let body = b"secret\0";
+            assert_ne!(
+                call(&mut fs, &mut d, FUSE_LOOKUP, node, body).0,
+                0,
+                "lookup via {node}"
+            );
+            let oi = OpenIn {
+                flags: libc::O_RDONLY as u32,
+                fuse_flags: 0,
+            };
+            for op in [OPEN, OPENDIR] {
+                assert_ne!(
+                    call(&mut fs, &mut d, op, node, oi.as_slice()).0,
+                    0,
+                    "open {node}"
+                );
+            }
+        }
+        assert_eq!(refused, forged.len(), "every forged nodeid is refused");
+
+        // File handles: a real one reads the share's file; forged ones read nothing.
+        let hello = given[1];
+        let oi = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let (err, out) = call(&mut fs, &mut d, OPEN, hello, oi.as_slice());
+        assert_eq!(err, 0);
+        let fh = OpenOut::from_slice(&out[..std::mem::size_of::<OpenOut>()])
+            .unwrap()
+            .fh;
+        let read = |fh: u64| ReadIn {
+            fh,
+            offset: 0,
+            size: 64,
+            ..Default::default()
+        };
+        let (err, data) = call(&mut fs, &mut d, READ, hello, read(fh).as_slice());
+        assert_eq!((err, data.as_slice()), (0, &b"hi"[..]));
+        for bad in [0, fh + 1, fh + 1000, 1 << 40, u64::MAX] {
+            let (err, data) = call(&mut fs, &mut d, READ, hello, read(bad).as_slice());
+            assert!(
+                err != 0 && data.is_empty(),
+                "forged handle {bad} read {data:?}"
+            );
+        }
+        std::fs::remove_dir_all(top).unwrap();
+    }
+
     #[test]
     fn bad_shares_are_rejected() {
         assert!(matches!(Fs::new("", Path::new("/")), Err(FsError::Tag(_))));

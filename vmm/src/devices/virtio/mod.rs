@@ -291,14 +291,17 @@ pub mod testing {
         }
 
         /// Adds a chain of `(addr, len, writable)` buffers and publishes it; returns the head.
+        /// Descriptors are taken round the table, so a driver can send any number of chains
+        /// as long as the device consumes them.
         pub fn add_chain(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
             let head = self.next_desc;
             for (i, (addr, len, w)) in bufs.iter().enumerate() {
                 let idx = self.next_desc;
                 let last = i + 1 == bufs.len();
                 let flags = if *w { WRITE } else { 0 } | if last { 0 } else { NEXT };
-                self.write_desc(idx, *addr, *len, flags, idx + 1);
-                self.next_desc += 1;
+                let next = (idx + 1) % self.size;
+                self.write_desc(idx, *addr, *len, flags, next);
+                self.next_desc = next;
             }
             self.publish(head);
             head
