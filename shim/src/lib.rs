@@ -7,7 +7,8 @@
 //! process, agent connection, state directory) → [`network`] (the pod netns bridged to the VM's
 //! NICs, over [`netns`]). Beside them: [`rootfs`] (container files shared with the agent),
 //! [`namespaces`] (CRI namespaces and propagation: translated, or refused where a VM cannot do
-//! them) and [`mounts`] (unmounting below a directory); [`events`] (the ordered event channel to
+//! them) and [`mounts`] (unmounting below a directory), [`mount_namespace`] (the
+//! daemon's own mount namespace, where all of that lives); [`events`] (the ordered event channel to
 //! containerd), [`oom`] (OOM events), [`metrics`] (stats for containerd), [`error`] (Task errors
 //! and their ttrpc codes), [`config`] (the TOML configuration).
 
@@ -19,6 +20,7 @@ pub mod host_features;
 pub mod info;
 mod io;
 mod metrics;
+pub mod mount_namespace;
 mod mounts;
 mod namespaces;
 mod netns;

@@ -185,6 +185,35 @@ impl Containerd {
     }
 }
 
+/// Pids of the shim server of pod `id`.
+pub fn shim_pids(id: &str) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("containerd-shim-moat-v2 .*-id {id}( |$)"))
+        .output();
+    out.map(|o| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// The shim of pod `id`: its mounts (the share, rootfs, volume binds) live in its own mount
+/// namespace, seen from the host through `/proc/<pid>/root` and `/proc/<pid>/mountinfo`.
+pub fn shim_pid(id: &str) -> Result<u32, Failed> {
+    match shim_pids(id).as_slice() {
+        [pid] => Ok(*pid),
+        other => Err(format!("expected one shim server for {id}, found {other:?}").into()),
+    }
+}
+
+/// `path` as the process `pid` sees it (through its mount namespace).
+pub fn seen_by(pid: u32, path: &Path) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/root{}", path.display()))
+}
+
 /// Stops the shared containerd if it was started; with `MOAT_E2E_KEEP=1` it is left running and
 /// its directory (logs, pod state) is kept for a look.
 pub fn shutdown() {

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use moat_e2e::containerd::{check, Containerd, IMAGE, RUNTIME};
+use moat_e2e::containerd::{check, seen_by, shim_pid, Containerd, IMAGE, RUNTIME};
 use moat_e2e::{Check, Context, Failed, Scratch};
 
 use crate::faults::ensure_nothing_left;
@@ -250,22 +250,24 @@ fn parse_guest(out: &str) -> BTreeMap<String, Vec<String>> {
     m
 }
 
-/// The pod's shared directory on the host.
+/// The pod's shared directory on the host, as its shim sees it (the share and everything
+/// mounted below it live in the shim's mount namespace).
 fn shared_of(c: &Containerd, id: &str) -> PathBuf {
     c.moat_state.join("default").join(id).join("shared")
 }
 
 /// The share's copy of the host directory whose `marker` file is `name` (its index is the
-/// spec's, unknown here).
-fn share_copy_of(c: &Containerd, id: &str, file: &str) -> Result<PathBuf, Failed> {
+/// spec's, unknown here), as a path in the shim's mount namespace.
+fn share_copy_of(c: &Containerd, shim: u32, id: &str, file: &str) -> Result<PathBuf, Failed> {
     let dir = shared_of(c, id).join(id).join("mounts");
-    for e in std::fs::read_dir(&dir).context(format!("read {}", dir.display()))? {
-        let p = e.context("read_dir")?.path();
-        if p.join(file).exists() {
-            return Ok(p);
+    let seen = seen_by(shim, &dir);
+    for e in std::fs::read_dir(&seen).context(format!("read {}", seen.display()))? {
+        let name = e.context("read_dir")?.file_name();
+        if seen.join(&name).join(file).exists() {
+            return Ok(dir.join(name));
         }
     }
-    Err(format!("no entry of {} holds {file}", dir.display()).into())
+    Err(format!("no entry of {} holds {file}", seen.display()).into())
 }
 
 /// Pids of moat-vmm for pod `id`: the supervisor named by vmm.pid and its children.
@@ -312,8 +314,17 @@ fn vmm_sample(c: &Containerd, id: &str) -> Result<(usize, u64, u64, bool), Faile
     Ok((fds, rss, nofile, alive))
 }
 
-fn run_as_nobody(path: &Path) -> String {
-    let out = Command::new("setpriv")
+/// Runs `path` as nobody, in the mount namespace of process `ns` when given.
+fn run_as_nobody(path: &Path, ns: Option<u32>) -> String {
+    let mut cmd = match ns {
+        Some(pid) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--mount=/proc/{pid}/ns/mnt")).arg("setpriv");
+            c
+        }
+        None => Command::new("setpriv"),
+    };
+    let out = cmd
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
         .arg(path)
         .output();
@@ -426,7 +437,9 @@ fn attack(c: &Containerd, lay: &Layout, rec: &mut Record) -> Check {
     let secret = lay.secret.to_string_lossy().into_owned();
     let outside = lay.outside.to_string_lossy().into_owned();
     let shared = shared_of(c, ATTACKER);
-    rec.host.insert("share-mountinfo", mountinfo_below(&shared));
+    let shim = shim_pid(ATTACKER)?;
+    rec.host
+        .insert("share-mountinfo", mountinfo_below(shim, &shared));
     let out = c.run_ctr(&[
         "task",
         "exec",
@@ -462,10 +475,10 @@ fn attack(c: &Containerd, lay: &Layout, rec: &mut Record) -> Check {
     );
     rec.host
         .insert("b-devices-in-volume", device_nodes(&lay.rw).join(","));
-    let rw_copy = share_copy_of(c, ATTACKER, "marker")?;
+    let rw_copy = share_copy_of(c, shim, ATTACKER, "marker")?;
     let mut via_share = Vec::new();
     for name in device_nodes(&lay.rw) {
-        let r = std::fs::File::open(rw_copy.join(&name));
+        let r = std::fs::File::open(seen_by(shim, &rw_copy.join(&name)));
         via_share.push(format!(
             "{name}:{}",
             r.map(|_| "OPENED".to_owned())
@@ -481,10 +494,14 @@ fn attack(c: &Containerd, lay: &Layout, rec: &mut Record) -> Check {
     rec.host
         .insert("c-mode-idcopy", mode(&lay.rw.join("idcopy")));
     rec.host.insert("c-mode-bb", mode(&lay.rw.join("bb")));
-    rec.host
-        .insert("c-run-via-share", run_as_nobody(&rw_copy.join("idcopy")));
-    rec.host
-        .insert("c-run-via-source", run_as_nobody(&lay.rw.join("idcopy")));
+    rec.host.insert(
+        "c-run-via-share",
+        run_as_nobody(&rw_copy.join("idcopy"), Some(shim)),
+    );
+    rec.host.insert(
+        "c-run-via-source",
+        run_as_nobody(&lay.rw.join("idcopy"), None),
+    );
     rec.host.insert(
         "e-ro-nlink",
         std::fs::metadata(lay.ro.join("f"))
@@ -513,10 +530,11 @@ fn attack(c: &Containerd, lay: &Layout, rec: &mut Record) -> Check {
             .join(","),
     );
     rec.host.insert("g-small-kib", used_kib(&lay.small));
-    rec.host.insert("g-share-kib", used_kib(&shared));
+    rec.host
+        .insert("g-share-kib", used_kib(&seen_by(shim, &shared)));
     rec.host.insert(
         "g-share-fstype",
-        mountinfo_below(&shared)
+        mountinfo_below(shim, &shared)
             .lines()
             .next()
             .unwrap_or("")
@@ -531,9 +549,10 @@ fn attack(c: &Containerd, lay: &Layout, rec: &mut Record) -> Check {
     Ok(())
 }
 
-fn mountinfo_below(dir: &Path) -> String {
+/// Lines of process `pid`'s mount table at or below `dir`.
+fn mountinfo_below(pid: u32, dir: &Path) -> String {
     let d = dir.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
         .unwrap_or_default()
         .lines()
         .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&*d)))

@@ -13,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use moat_e2e::containerd::{check, Containerd, CTR_LIMIT, IMAGE, RUNTIME};
+use moat_e2e::containerd::{check, shim_pids, Containerd, CTR_LIMIT, IMAGE, RUNTIME};
 use moat_e2e::{ensure, trial, Check, Context, Failed, Scratch, Trial};
 
 /// Cycles of the leak trial unless `MOAT_E2E_CYCLES` says otherwise (each costs one VM boot:
@@ -105,21 +105,6 @@ fn vmm_pid(c: &Containerd, id: &str) -> Result<u32, Failed> {
         .trim()
         .parse()
         .context("parse vmm.pid")
-}
-
-/// Pids of the shim server of pod `id`.
-fn shim_pids(id: &str) -> Vec<u32> {
-    let out = Command::new("pgrep")
-        .arg("-f")
-        .arg(format!("containerd-shim-moat-v2 .*-id {id}( |$)"))
-        .output();
-    out.map(|o| {
-        text(&o.stdout)
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    })
-    .unwrap_or_default()
 }
 
 /// Lines of the `ctr task ls` table for `id`.
