@@ -132,6 +132,7 @@ impl Agent {
             "pause",
             "stats",
             "oom-events",
+            "online-resources",
             "update",
         ]
         .iter()

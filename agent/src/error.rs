@@ -57,6 +57,9 @@ pub enum AgentError {
     /// Container setup failed.
     #[error("container setup: {0}")]
     Spawn(#[from] SpawnError),
+    /// CPUs or memory could not be brought online.
+    #[error("bringing resources online: {0}")]
+    Resources(#[from] crate::resources::ResourcesError),
     /// A blocking setup task (run off the runtime with `spawn_blocking`) panicked or was
     /// cancelled.
     #[error("{what}: {source}")]
@@ -112,6 +115,7 @@ impl AgentError {
             AgentError::Cgroup(CgroupError::Io { .. })
             | AgentError::Stdio(_)
             | AgentError::Spawn(_)
+            | AgentError::Resources(_)
             | AgentError::Sys { .. }
             | AgentError::Io { .. } => Code::INTERNAL,
         }

@@ -23,6 +23,7 @@ pub mod pid1;
 pub mod portforward;
 pub mod process;
 pub mod reaper;
+pub mod resources;
 pub mod rootfs;
 pub mod sandbox;
 pub mod seccomp;

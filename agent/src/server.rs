@@ -279,6 +279,41 @@ impl svc::Agent for Service {
         Ok(pb::Empty::new())
     }
 
+    #[tracing::instrument(level = "info", name = "rpc", skip_all, fields(vcpus = req.vcpus))]
+    async fn online_resources(
+        &self,
+        _: &TtrpcContext,
+        req: pb::OnlineResourcesRequest,
+    ) -> R<pb::OnlineResourcesResponse> {
+        // Bringing a CPU up takes a while: off the runtime's threads.
+        let done = tokio::task::spawn_blocking(move || {
+            let root = std::path::Path::new("/");
+            let onlined = crate::resources::online_memory(root)?;
+            let cpus = crate::resources::set_online_cpus(root, req.vcpus)?;
+            Ok::<_, crate::resources::ResourcesError>((
+                onlined,
+                cpus,
+                crate::resources::mem_total_bytes(root),
+            ))
+        })
+        .await
+        .map_err(|source| {
+            status(AgentError::Task {
+                what: "online resources",
+                source,
+            })
+        })?;
+        let (onlined, cpus, mem) = done.map_err(|e| status(e.into()))?;
+        tracing::info!(
+            "{cpus} CPUs online, MemTotal {} MiB ({onlined} memory blocks onlined)",
+            mem >> 20
+        );
+        let mut r = pb::OnlineResourcesResponse::new();
+        r.online_cpus = cpus;
+        r.mem_total_bytes = mem;
+        Ok(r)
+    }
+
     async fn list_listening_ports(
         &self,
         _: &TtrpcContext,

@@ -2,7 +2,8 @@
 //! line, one response line each (protocol in docs/vmm.md).
 //!
 //! An accept thread serves each connection on its own thread. Requests that need the VMM
-//! (`start`, `stop`, `pause`, `resume`, `status`, `add-fs`, `add-blk`) travel over a channel
+//! (`start`, `stop`, `pause`, `resume`, `status`, `add-fs`, `add-blk`,
+//! `resize-memory`) travel over a channel
 //! to the VMM thread, which is woken through an eventfd; `wait` blocks in the connection
 //! thread until the VM has been torn down.
 
@@ -41,6 +42,13 @@ pub enum Command {
     AddFs(FsShare),
     /// Add a virtio-blk disk (before `start` only).
     AddBlk(BlkConfig),
+    /// Ask the guest to have `hotplug_mib` MiB of the virtio-mem region plugged (a multiple of
+    /// 2 MiB, at most `--mem-hotplug-mib`); answered at once, the guest plugs on its own time
+    /// (`status` reports what it has plugged).
+    ResizeMemory {
+        /// Hotplug memory wanted, MiB.
+        hotplug_mib: u64,
+    },
 }
 
 /// A response.
@@ -54,6 +62,12 @@ pub struct Response {
     /// VM state (`created`, `running`, `paused`, `stopped`) for `status`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// Hotplug memory the guest has plugged, MiB (`status`, `resize-memory`; with virtio-mem).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plugged_mib: Option<u64>,
+    /// Hotplug memory requested, MiB (`status`, `resize-memory`; with virtio-mem).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_mib: Option<u64>,
     /// Milliseconds from VMM start to the guest's boot marker, once seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_ms: Option<u64>,

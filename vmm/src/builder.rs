@@ -24,7 +24,9 @@ use crate::arch::x86_64::{acpi, mptable};
 use crate::config::{SerialOut, VmConfig, DEFAULT_CMDLINE};
 use crate::devices::legacy::{self, BootMarker, SerialDevice, SerialInput, I8042, MARKER_UNSET};
 use crate::devices::virtio::mmio::{MmioError, MmioTransport};
-use crate::devices::virtio::{blk, fs, net, rng, vsock, IrqTrigger, VirtioDevice};
+use crate::devices::virtio::{
+    balloon, blk, fs, mem as vmem, net, rng, vsock, IrqTrigger, VirtioDevice,
+};
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
 use crate::seccomp::SeccompPolicy;
@@ -142,7 +144,7 @@ struct Devices<'a> {
 impl Devices<'_> {
     /// Adds `dev`; with `own_thread` its data path gets a thread of its own instead of the
     /// shared event loop.
-    fn add<D>(&mut self, dev: D, own_thread: Option<String>) -> Result<(), BuildError>
+    fn add<D>(&mut self, dev: D, own_thread: Option<String>) -> Result<Arc<Mutex<D>>, BuildError>
     where
         D: VirtioDevice + MutEventSubscriber + 'static,
     {
@@ -169,19 +171,19 @@ impl Devices<'_> {
         match own_thread {
             Some(name) => self.threads.push(DeviceThread::spawn(
                 name,
-                dev,
+                dev.clone(),
                 self.seccomp,
                 self.exit.clone(),
             )?),
             None => {
-                self.em.add_subscriber(dev);
+                self.em.add_subscriber(dev.clone());
             }
         }
         self.cmdline
             .add_virtio_mmio_device(MMIO_DEVICE_SIZE, GuestAddress(base), irq, None)
             .map_err(BuildError::Cmdline)?;
         self.count += 1;
-        Ok(())
+        Ok(dev)
     }
 }
 
@@ -248,7 +250,7 @@ pub fn build(
     let timeline = |step: &str| log_timeline(start, step);
     timeline("building");
     let mem_size = cfg.mem_mib << 20;
-    let mem = layout::create_guest_memory(cfg.mem_mib)?;
+    let mem = layout::create_guest_memory(cfg.mem_mib, cfg.mem_hotplug_mib)?;
     let vm = Vm::new(&mem)?;
     timeline("guest memory and KVM VM ready");
     let mut em: EventManager<Subscriber> = EventManager::new().map_err(BuildError::EventManager)?;
@@ -336,6 +338,23 @@ pub fn build(
         let dev = rng::Rng::new().map_err(|e| BuildError::Os("eventfd", e))?;
         devices.add(dev, None)?;
     }
+    let hotplug = if cfg.mem_hotplug_mib > 0 {
+        // Plug requests are bookkeeping and the odd madvise: the shared event loop.
+        let dev = vmem::VirtioMem::new(
+            mem.clone(),
+            layout::hotplug_base(mem_size),
+            cfg.mem_hotplug_mib << 20,
+        )
+        .map_err(|e| BuildError::Os("eventfd", e))?;
+        Some(devices.add(dev, None)?)
+    } else {
+        None
+    };
+    if cfg.balloon {
+        // Free page reporting: a few madvise calls every few seconds at most.
+        let dev = balloon::Balloon::new().map_err(|e| BuildError::Os("eventfd", e))?;
+        devices.add(dev, None)?;
+    }
     // virtio-net last, in --net order: the guest names them eth0, eth1, ... as it probes them.
     // Their data path is tap reads and writes, which never block: the shared event loop.
     for n in &cfg.net {
@@ -350,6 +369,13 @@ pub fn build(
     let mmio = devices.mmio;
     timeline("devices ready");
 
+    if cfg.mem_hotplug_mib > 0 {
+        // The kernel onlines what virtio-mem plugs by itself, movable where the ratio to
+        // kernel memory allows (so it can be unplugged again), in the normal zone beyond.
+        cmdline
+            .insert_str("memhp_default_state=online memory_hotplug.online_policy=auto-movable")
+            .map_err(BuildError::Cmdline)?;
+    }
     if let Some(extra) = &cfg.cmdline_extra {
         cmdline.insert_str(extra).map_err(BuildError::Cmdline)?;
     }
@@ -401,6 +427,7 @@ pub fn build(
         mem,
         exit,
         boot_ms,
+        hotplug,
         vcpu_ctx,
         paused: false,
     })

@@ -134,6 +134,12 @@ pub struct VmConfig {
     pub defer_start: bool,
     /// Offer a virtio-rng device.
     pub rng: bool,
+    /// Size of the virtio-mem hotplug region in MiB (0: no virtio-mem device). The guest can
+    /// grow to `mem_mib` + this while running; `resize` on the control socket says how much.
+    pub mem_hotplug_mib: u64,
+    /// Offer a virtio-balloon device for free page reporting (memory the guest frees goes back
+    /// to the host).
+    pub balloon: bool,
     /// Seccomp filters on the VMM's threads (`--no-seccomp` turns them off).
     pub seccomp: SeccompPolicy,
     /// Confinement of the VMM process (`--no-jail`, `--jail-uid`, `--jail-gid`).
@@ -195,8 +201,9 @@ pub enum ConfigError {
 /// Usage text.
 pub const USAGE: &str = "\
 usage: moat-vmm --kernel PATH [--initrd PATH] [--cmdline EXTRA] [--vcpus N] [--mem-mib N]
+                [--mem-hotplug-mib N]
                 [--serial stdout|file:PATH|none] [--vsock-uds PATH] [--vsock-cid N]
-                [--fs TAG=DIR]... [--blk PATH[:ro]]... [--no-rng]
+                [--fs TAG=DIR]... [--blk PATH[:ro]]... [--no-rng] [--no-balloon]
                 [--net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]]... [--netns PATH]
                 [--api-sock PATH [--defer-start]] [--no-seccomp]
                 [--no-jail | [--jail-uid UID [--jail-gid GID]] [--no-userns]]
@@ -237,6 +244,8 @@ impl VmConfig {
             api_sock: None,
             defer_start: false,
             rng: true,
+            mem_hotplug_mib: 0,
+            balloon: true,
             seccomp: SeccompPolicy::Enforce,
             jail: JailConfig::default(),
         };
@@ -253,6 +262,10 @@ impl VmConfig {
                 "-h" | "--help" => return Err(ConfigError::Help),
                 "--no-rng" => {
                     cfg.rng = false;
+                    continue;
+                }
+                "--no-balloon" => {
+                    cfg.balloon = false;
                     continue;
                 }
                 "--no-seccomp" => {
@@ -290,6 +303,14 @@ impl VmConfig {
                         .ok()
                         .filter(|n| (1..=crate::arch::x86_64::mptable::MAX_VCPUS).contains(n))
                         .ok_or_else(|| invalid(&opt, &v, "a vCPU count from 1 to 32"))?;
+                }
+                "--mem-hotplug-mib" => {
+                    let v = value()?;
+                    cfg.mem_hotplug_mib = v
+                        .parse()
+                        .ok()
+                        .filter(|n: &u64| n.is_multiple_of(128) && *n <= 1 << 24)
+                        .ok_or_else(|| invalid(&opt, &v, "a size in MiB, a multiple of 128"))?;
                 }
                 "--mem-mib" => {
                     let v = value()?;
@@ -414,9 +435,10 @@ mod tests {
     #[test]
     fn full_command_line() {
         let c = parse(
-            "--kernel /k --initrd=/i --cmdline quiet --vcpus 2 --mem-mib 512 --serial file:/tmp/s \
+            "--kernel /k --initrd=/i --cmdline quiet --vcpus 2 --mem-mib 512 --mem-hotplug-mib 1024 \
+             --serial file:/tmp/s \
              --vsock-uds /tmp/v --vsock-cid 7 --fs root=/srv --fs b=/x --blk /d:ro --blk /e \
-             --api-sock /tmp/a --defer-start --no-rng --no-seccomp --net tap=tap0 \
+             --api-sock /tmp/a --defer-start --no-rng --no-balloon --no-seccomp --net tap=tap0 \
              --net=tap=tap1,mac=02:00:00:aa:bb:cc --netns /run/netns/pod",
         )
         .unwrap();
@@ -434,6 +456,8 @@ mod tests {
             ]
         );
         assert_eq!(c.netns, Some(PathBuf::from("/run/netns/pod")));
+        assert_eq!(c.mem_hotplug_mib, 1024);
+        assert!(parse("--kernel /k --mem-hotplug-mib 100").is_err());
         assert_eq!(c.kernel, PathBuf::from("/k"));
         assert_eq!(c.seccomp, SeccompPolicy::Off);
         assert_eq!(
@@ -461,13 +485,16 @@ mod tests {
             }
         );
         assert!(!c.blk[1].read_only);
-        assert!(c.defer_start && !c.rng);
+        assert!(c.defer_start && !c.rng && !c.balloon);
     }
 
     #[test]
     fn defaults() {
         let c = parse("--kernel /k").unwrap();
-        assert_eq!((c.vcpus, c.mem_mib, c.rng), (1, DEFAULT_MEM_MIB, true));
+        assert_eq!(
+            (c.vcpus, c.mem_mib, c.rng, c.balloon),
+            (1, DEFAULT_MEM_MIB, true, true)
+        );
         assert_eq!(c.serial, SerialOut::Stdout);
         assert_eq!(c.vsock, None);
         assert!(c.net.is_empty() && c.netns.is_none());

@@ -101,7 +101,7 @@ fn wait_for_start(
                     },
                     false,
                 ),
-                Command::Pause | Command::Resume => {
+                Command::Pause | Command::Resume | Command::ResizeMemory { .. } => {
                     (Response::error("the VM is not started"), false)
                 }
                 Command::Wait => (

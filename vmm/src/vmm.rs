@@ -192,6 +192,8 @@ pub struct Vmm {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) exit: Arc<ExitNotifier>,
     pub(crate) boot_ms: Arc<AtomicU64>,
+    /// The virtio-mem device, when the VM has hotplug memory.
+    pub(crate) hotplug: Option<Arc<Mutex<crate::devices::virtio::mem::VirtioMem>>>,
     pub(crate) vcpu_ctx: VcpuContext,
     pub(crate) paused: bool,
 }
@@ -266,7 +268,20 @@ impl Vmm {
                 Command::Status => Response {
                     state: Some(if self.paused { "paused" } else { "running" }.into()),
                     boot_ms: self.boot_ms(),
-                    ..Response::ok()
+                    ..self.hotplug_sizes(Response::ok())
+                },
+                Command::ResizeMemory { hotplug_mib } => match &self.hotplug {
+                    None => Response::error(
+                        "this VM has no hotplug memory (start moat-vmm with --mem-hotplug-mib)",
+                    ),
+                    Some(dev) => {
+                        let bytes = hotplug_mib.saturating_mul(1 << 20);
+                        let res = crate::devices::lock(dev).resize(bytes);
+                        match res {
+                            Ok(()) => self.hotplug_sizes(Response::ok()),
+                            Err(e) => Response::error(e.to_string()),
+                        }
+                    }
                 },
                 Command::Start => Response::error("the VM is already running"),
                 Command::AddFs(_) | Command::AddBlk(_) => {
@@ -275,6 +290,21 @@ impl Vmm {
                 Command::Wait => Response::error("wait is answered by the connection thread"),
             };
             let _ = req.reply.send(response);
+        }
+    }
+
+    /// `response` with the virtio-mem sizes filled in, when there is a virtio-mem device.
+    fn hotplug_sizes(&self, response: Response) -> Response {
+        match &self.hotplug {
+            Some(dev) => {
+                let (requested, plugged) = crate::devices::lock(dev).sizes();
+                Response {
+                    requested_mib: Some(requested >> 20),
+                    plugged_mib: Some(plugged >> 20),
+                    ..response
+                }
+            }
+            None => response,
         }
     }
 

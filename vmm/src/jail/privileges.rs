@@ -66,7 +66,7 @@ fn rlimits(cfg: &VmConfig, nr_open: u64) -> [(Resource, u64); 3] {
         (Resource::RLIMIT_NOFILE, nofile),
         (
             Resource::RLIMIT_AS,
-            (cfg.mem_mib + AS_MARGIN_MIB).saturating_mul(1 << 20),
+            (cfg.mem_mib + cfg.mem_hotplug_mib + AS_MARGIN_MIB).saturating_mul(1 << 20),
         ),
         // A core dump would hold guest memory.
         (Resource::RLIMIT_CORE, 0),

@@ -99,6 +99,9 @@ pub enum LayoutError {
     /// on the address space is lower than the guest's RAM).
     #[error("cannot map guest memory: {0}")]
     Mmap(#[source] std::io::Error),
+    /// The hotplug region's size is not a multiple of 128 MiB or too large.
+    #[error("hotplug memory of {0} MiB: must be a multiple of 128 MiB and end below 64 TiB")]
+    Hotplug(u64),
     /// vm-memory refused the mapping.
     #[error("cannot wrap guest memory: {0}")]
     Wrap(#[source] vm_memory::mmap::MmapRegionError),
@@ -125,6 +128,20 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     }
 }
 
+/// Alignment (and size granularity) of the virtio-mem hotplug region: Linux's memory block
+/// size on x86_64 guests of less than 64 GiB, the unit it adds and onlines memory in.
+pub const HOTPLUG_ALIGN: u64 = 128 << 20;
+
+/// Guest physical address of the virtio-mem hotplug region for `mem_size` bytes of boot RAM:
+/// the first [`HOTPLUG_ALIGN`]ed address at or above 4 GiB past the end of RAM. Not in the e820
+/// map: the guest learns of it from the virtio-mem device.
+pub fn hotplug_base(mem_size: u64) -> u64 {
+    let ram_end = ram_ranges(mem_size)
+        .last()
+        .map_or(0, |(base, len)| base.0 + *len as u64);
+    ram_end.max(FOUR_GIB).next_multiple_of(HOTPLUG_ALIGN)
+}
+
 /// Host and guest huge-page size: guest RAM is mapped at host addresses aligned to it.
 pub const HUGE_PAGE: usize = 2 << 20;
 
@@ -141,7 +158,11 @@ pub const HUGE_PAGE: usize = 2 << 20;
 ///
 /// The mappings live as long as the process (as the VM does): device threads hold clones of the
 /// returned memory until the process exits, so they are never unmapped early.
-pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, LayoutError> {
+///
+/// With `hotplug_mib` > 0 a further region of that size (a multiple of [`HOTPLUG_ALIGN`]) is
+/// mapped the same way at [`hotplug_base`]: the virtio-mem device's, registered with KVM like RAM
+/// but not announced to the guest as RAM.
+pub fn create_guest_memory(mem_mib: u64, hotplug_mib: u64) -> Result<GuestMemoryMmap, LayoutError> {
     if mem_mib < 64 {
         return Err(LayoutError::TooSmall(mem_mib));
     }
@@ -149,7 +170,20 @@ pub fn create_guest_memory(mem_mib: u64) -> Result<GuestMemoryMmap, LayoutError>
         .checked_mul(1 << 20)
         .filter(|s| s.checked_add(FOUR_GIB).is_some())
         .ok_or(LayoutError::TooLarge(mem_mib))?;
-    let regions = ram_ranges(size)
+    let mut ranges = ram_ranges(size);
+    if hotplug_mib > 0 {
+        let len = hotplug_mib
+            .checked_mul(1 << 20)
+            .filter(|l| l.is_multiple_of(HOTPLUG_ALIGN))
+            .filter(|l| {
+                hotplug_base(size)
+                    .checked_add(*l)
+                    .is_some_and(|e| e < 1 << 46)
+            })
+            .ok_or(LayoutError::Hotplug(hotplug_mib))?;
+        ranges.push((GuestAddress(hotplug_base(size)), len as usize));
+    }
+    let regions = ranges
         .into_iter()
         .map(|(base, len)| {
             let ptr = map_aligned(len)?;
@@ -252,7 +286,7 @@ mod tests {
     #[test]
     fn guest_ram_is_huge_page_aligned_on_the_host() {
         for mib in [64, 100, 256] {
-            let mem = create_guest_memory(mib).unwrap();
+            let mem = create_guest_memory(mib, 0).unwrap();
             let region = mem.iter().next().unwrap();
             assert_eq!(region.len(), mib << 20);
             assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0, "{mib} MiB");
@@ -269,7 +303,7 @@ mod tests {
 
     #[test]
     fn small_guest_has_one_region_and_no_high_ram() {
-        let mem = create_guest_memory(128).unwrap();
+        let mem = create_guest_memory(128, 0).unwrap();
         assert_eq!(mem.num_regions(), 1);
         let map = e820_map(128 << 20);
         assert_eq!(map.len(), 3);
@@ -306,13 +340,32 @@ mod tests {
     }
 
     #[test]
+    fn hotplug_region_sits_above_ram_aligned_and_outside_the_e820_map() {
+        assert_eq!(hotplug_base(256 << 20), FOUR_GIB);
+        let big = (3u64 << 30) + (100 << 20);
+        // RAM above 4 GiB ends at 4 GiB + 100 MiB: the region starts at the next 128 MiB.
+        assert_eq!(hotplug_base(big), FOUR_GIB + HOTPLUG_ALIGN);
+        let mem = create_guest_memory(256, 512).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        let r = mem.iter().nth(1).unwrap();
+        assert_eq!((r.start_addr().0, r.len()), (FOUR_GIB, 512 << 20));
+        assert!(e820_map(256 << 20)
+            .iter()
+            .all(|e| e.addr + e.size <= FOUR_GIB));
+        assert!(matches!(
+            create_guest_memory(256, 100),
+            Err(LayoutError::Hotplug(100))
+        ));
+    }
+
+    #[test]
     fn rejects_tiny_and_absurd_sizes() {
         assert!(matches!(
-            create_guest_memory(16),
+            create_guest_memory(16, 0),
             Err(LayoutError::TooSmall(16))
         ));
         assert!(matches!(
-            create_guest_memory(u64::MAX >> 10),
+            create_guest_memory(u64::MAX >> 10, 0),
             Err(LayoutError::TooLarge(_))
         ));
     }

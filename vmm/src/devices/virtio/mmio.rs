@@ -173,7 +173,7 @@ impl MmioTransport {
             reg::STATUS => self.status,
             // No shared memory regions: a length of all ones means "absent".
             reg::SHM_LEN_LOW | reg::SHM_LEN_HIGH => u32::MAX,
-            reg::CONFIG_GENERATION => self.config_generation,
+            reg::CONFIG_GENERATION => self.config_generation.wrapping_add(dev.config_generation()),
             _ => {
                 guest_warn!("virtio-mmio: read of unknown register {offset:#x}");
                 0

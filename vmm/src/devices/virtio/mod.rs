@@ -5,10 +5,12 @@
 //! runs queue processing when a queue eventfd (an ioeventfd on the QueueNotify register)
 //! or a backend fd becomes ready. The transport runs on the vCPU threads.
 
+pub mod balloon;
 pub mod blk;
 pub mod fs;
 pub mod fs_link;
 pub mod fs_policy;
+pub mod mem;
 pub mod mmio;
 pub mod net;
 pub mod rng;
@@ -33,8 +35,12 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     /// Entropy source.
     pub const RNG: u32 = 4;
+    /// Memory balloon (moat: free page reporting only).
+    pub const BALLOON: u32 = 5;
     /// Socket device.
     pub const VSOCK: u32 = 19;
+    /// Memory device (hot(un)plug).
+    pub const MEM: u32 = 24;
     /// File system device.
     pub const FS: u32 = 26;
 }
@@ -149,6 +155,11 @@ pub trait VirtioDevice: Send {
             data.len()
         );
     }
+    /// Bumped by the device whenever it changes its config space by itself (the transport's
+    /// ConfigGeneration adds it, so a driver reading a multi-word field sees a torn read).
+    fn config_generation(&self) -> u32 {
+        0
+    }
     /// The queue eventfds, one per queue, signalled on QueueNotify.
     fn queue_events(&self) -> &[EventFd];
     /// Starts the data path.
@@ -218,12 +229,25 @@ where
 #[cfg(test)]
 pub mod testing {
     use super::*;
-    use vm_memory::{Bytes, GuestAddress};
+    use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
     /// Descriptor flags.
     pub const NEXT: u16 = 1;
     /// Device-writable descriptor.
     pub const WRITE: u16 = 2;
+
+    /// Resident bytes of the `len` bytes of guest memory at `addr` (`mincore`): what the host
+    /// pays for them.
+    pub fn resident(mem: &GuestMemoryMmap, addr: u64, len: usize) -> usize {
+        let slice = mem.get_slice(GuestAddress(addr), len).unwrap();
+        let ptr = slice.ptr_guard_mut().as_ptr();
+        let mut vec = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: `ptr..ptr + len` lies inside the guest memory mapping (get_slice checked it)
+        // and `vec` has one byte per page of it.
+        let rc = unsafe { libc::mincore(ptr.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore");
+        vec.iter().filter(|b| **b & 1 == 1).count() * 4096
+    }
 
     /// A driver that owns one queue of `size` at fixed addresses in guest memory.
     pub struct Driver {
