@@ -64,6 +64,11 @@ pub struct Config {
     pub max_vcpus: u8,
     /// The most memory a pod VM may get, MiB (0: the host's memory).
     pub max_memory_mib: u32,
+    /// Grow a running pod's VM when a container is added or updated with larger limits:
+    /// memory through virtio-mem (up to `max_memory_mib`), vCPUs created at boot up to
+    /// `max_vcpus` but brought online only as the pod asks ([`crate::resources`]). Off: the VM
+    /// keeps its start size and a larger ask is refused.
+    pub hotplug: bool,
     /// Extra guest kernel command line parameters.
     pub kernel_params: String,
     /// Verbose guest kernel console (drops `quiet`); the console is always saved to
@@ -94,6 +99,7 @@ impl Default for Config {
             memory_mib: 256,
             max_vcpus: 0,
             max_memory_mib: 0,
+            hotplug: true,
             kernel_params: String::new(),
             debug_console: false,
             log_level: "info".into(),

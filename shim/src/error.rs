@@ -105,6 +105,9 @@ pub enum TaskError {
         #[source]
         source: moat_protocol::ttrpc::Error,
     },
+    /// The pod's VM could not grow to what a container asks for.
+    #[error(transparent)]
+    Grow(#[from] crate::resources::GrowError),
     /// The metrics could not be encoded.
     #[error(transparent)]
     Metrics(#[from] containerd_shim_protos::protobuf::Error),
@@ -144,7 +147,11 @@ impl TaskError {
             | Self::Netns(_)
             | Self::VmLimit(_)
             | Self::GuestSpec(_)
-            | Self::Launch(LaunchError::Config(_)) => Code::INVALID_ARGUMENT,
+            | Self::Launch(LaunchError::Config(_))
+            | Self::Grow(crate::resources::GrowError::Sizing(_))
+            | Self::Grow(crate::resources::GrowError::NoMemoryRoom { .. })
+            | Self::Grow(crate::resources::GrowError::NoCpuRoom { .. }) => Code::INVALID_ARGUMENT,
+            Self::Grow(_) => Code::INTERNAL,
             // Keep the agent's status code (NOT_FOUND, INVALID_ARGUMENT, …) so containerd maps
             // it right; an agent that cannot be reached is UNAVAILABLE.
             Self::Agent { source, .. } => match source {

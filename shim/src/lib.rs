@@ -10,7 +10,8 @@
 //! them) and [`mounts`] (unmounting below a directory), [`mount_namespace`] (the
 //! daemon's own mount namespace, where all of that lives); [`events`] (the ordered event channel to
 //! containerd), [`oom`] (OOM events), [`metrics`] (stats for containerd), [`error`] (Task errors
-//! and their ttrpc codes), [`config`] (the TOML configuration).
+//! and their ttrpc codes), [`config`] (the TOML configuration), [`resources`] (a running pod's size and its growth,
+//! over [`vmm_control`], moat-vmm's control socket).
 
 pub mod cgroup;
 pub mod config;
@@ -29,8 +30,10 @@ mod oom;
 pub mod pod;
 pub mod portforward;
 mod process;
+pub mod resources;
 mod rootfs;
 mod sandbox;
 pub mod service;
 pub mod sizing;
 pub mod task;
+pub mod vmm_control;

@@ -53,6 +53,16 @@ pub trait PodVm: Send + Sync {
     async fn wait_exited(&self);
     /// Stops the VM and removes its state (what [`PodVm::shared_dir`] holds included).
     async fn stop(&self);
+    /// Records what container `id` asks for (`None`: removed) and grows the VM if the pod's
+    /// total needs it, before the container gets its limits ([`crate::resources`]). A pod VM
+    /// that cannot grow accepts everything (the default).
+    async fn set_container_resources(
+        &self,
+        _id: &str,
+        _res: Option<PodResources>,
+    ) -> Result<(), TaskError> {
+        Ok(())
+    }
     /// Where the agent's port-forward relay is reached ([`crate::portforward`]); `None`: no
     /// port-forward.
     fn forward_address(&self) -> Option<AgentAddress> {
@@ -93,7 +103,9 @@ pub struct VmmLauncher;
 impl PodLauncher for VmmLauncher {
     async fn launch(&self, spec: &PodSpec) -> Result<Arc<dyn PodVm>, LaunchError> {
         let config = Config::load(spec.config_path.as_deref())?;
-        let size = sizing::size(&config, &spec.resources, sizing::host_limits())?;
+        let host = sizing::host_limits();
+        let size = sizing::size(&config, &spec.resources, host)?;
+        let room = sizing::room(&config, &size, host);
         let sandbox = Sandbox::boot(
             &config,
             &SandboxSpec {
@@ -102,6 +114,8 @@ impl PodLauncher for VmmLauncher {
                 hostname: spec.hostname.clone(),
                 netns: spec.netns.clone(),
                 size,
+                room,
+                resources: spec.resources,
                 cgroups_path: spec.cgroups_path.clone(),
             },
         )
@@ -153,6 +167,18 @@ impl PodVm for Sandbox {
 
     async fn stop(&self) {
         Sandbox::stop(self).await;
+    }
+
+    async fn set_container_resources(
+        &self,
+        id: &str,
+        res: Option<PodResources>,
+    ) -> Result<(), TaskError> {
+        self.growth
+            .set(&self.agent, id, res)
+            .await
+            .map(drop)
+            .map_err(TaskError::Grow)
     }
 
     fn forward_address(&self) -> Option<AgentAddress> {

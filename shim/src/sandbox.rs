@@ -33,7 +33,8 @@ use crate::cgroup::{self, CgroupError, PodCgroup};
 use crate::config::Config;
 use crate::mounts::{make_share, unmount_below};
 use crate::network;
-use crate::sizing::VmSize;
+use crate::resources::PodGrowth;
+use crate::sizing::{PodResources, Room, VmSize};
 
 /// How long a well-behaved guest gets to power off before moat-vmm is killed.
 const POWER_OFF_GRACE: Duration = Duration::from_secs(10);
@@ -150,6 +151,10 @@ pub struct SandboxSpec {
     pub netns: Option<PathBuf>,
     /// vCPUs and memory ([`crate::sizing`]).
     pub size: VmSize,
+    /// Room to grow into while running ([`crate::resources`]).
+    pub room: Room,
+    /// What the pod asked for at start.
+    pub resources: PodResources,
     /// The sandbox's `linux.cgroupsPath`, where moat-vmm runs ([`crate::cgroup`]).
     pub cgroups_path: Option<String>,
 }
@@ -165,6 +170,8 @@ pub struct Sandbox {
     vmm_pid: u32,
     /// `Some(status)` once moat-vmm has exited.
     vmm_exit: watch::Receiver<Option<String>>,
+    /// The VM's size and its growth.
+    pub growth: PodGrowth,
 }
 
 /// The state directory of a sandbox.
@@ -239,6 +246,10 @@ impl Sandbox {
         // The kernel hands unknown KEY=value words to init (the agent) as environment.
         cmdline.push_str(" MOAT_AGENT_LOG=");
         cmdline.push_str(&config.log_level);
+        if spec.room.max_vcpus > spec.size.vcpus {
+            // The other vCPUs exist but stay offline until the pod grows.
+            cmdline.push_str(&format!(" maxcpus={}", spec.size.vcpus));
+        }
         if !config.kernel_params.is_empty() {
             cmdline.push(' ');
             cmdline.push_str(&config.kernel_params);
@@ -250,9 +261,20 @@ impl Sandbox {
             .arg("--initrd")
             .arg(&config.initrd)
             .arg("--vcpus")
-            .arg(spec.size.vcpus.to_string())
+            .arg(spec.room.max_vcpus.max(spec.size.vcpus).to_string())
             .arg("--mem-mib")
             .arg(spec.size.memory_mib.to_string())
+            .args(
+                (spec.room.hotplug_mib > 0)
+                    .then(|| {
+                        [
+                            "--mem-hotplug-mib".to_owned(),
+                            spec.room.hotplug_mib.to_string(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--cmdline")
             .arg(&cmdline)
             .arg("--serial")
@@ -352,12 +374,21 @@ impl Sandbox {
             }
         };
 
+        let growth = PodGrowth::new(
+            config.clone(),
+            &id,
+            dir.join("api.sock"),
+            spec.size,
+            spec.room,
+            spec.resources,
+        );
         let sandbox = Arc::new(Self {
             id: id.clone(),
             dir,
             agent,
             vmm_pid,
             vmm_exit,
+            growth,
         });
         let version = sandbox
             .agent

@@ -98,8 +98,15 @@ impl PodResources {
                     .zip(positive(ann(SANDBOX_CPU_PERIOD)).or(Some(100_000))),
             };
         }
-        let res = spec.pointer("/linux/resources");
-        let num = |p: &str| res.and_then(|r| r.pointer(p)).and_then(Value::as_i64);
+        spec.pointer("/linux/resources")
+            .map(Self::from_linux_resources)
+            .unwrap_or_default()
+    }
+
+    /// From OCI `LinuxResources` (a container's `linux.resources`, or an Update's): its memory
+    /// limit and CPU quota (period 100 ms when not given).
+    pub fn from_linux_resources(res: &Value) -> Self {
+        let num = |p: &str| res.pointer(p).and_then(Value::as_i64);
         Self {
             memory_bytes: positive(num("/memory/limit")),
             cpu: positive(num("/cpu/quota")).zip(positive(num("/cpu/period")).or(Some(100_000))),
@@ -124,9 +131,8 @@ pub fn host_limits() -> (u64, u64) {
     (cpus, mem_mib)
 }
 
-/// The VM for `res` under `config`, with `host` = ([`host_limits`]) for limits the config
-/// leaves at 0.
-pub fn size(config: &Config, res: &PodResources, host: (u64, u64)) -> Result<VmSize, SizingError> {
+/// `(max_vcpus, max_memory_mib)` under `config`, with `host` for limits it leaves at 0.
+fn limits(config: &Config, host: (u64, u64)) -> (u64, u64) {
     let max_vcpus = match config.max_vcpus {
         0 => host.0,
         n => u64::from(n),
@@ -136,6 +142,38 @@ pub fn size(config: &Config, res: &PodResources, host: (u64, u64)) -> Result<VmS
         0 => host.1,
         n => u64::from(n),
     };
+    (max_vcpus, max_mib)
+}
+
+/// Room a pod's VM is created with, to grow into while it runs ([`crate::resources`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// vCPUs created (those beyond [`VmSize::vcpus`] boot offline).
+    pub max_vcpus: u8,
+    /// The virtio-mem region, MiB (a multiple of 128; 0: none).
+    pub hotplug_mib: u32,
+}
+
+/// The room for a VM of `size` under `config` (none when `hotplug` is off).
+pub fn room(config: &Config, size: &VmSize, host: (u64, u64)) -> Room {
+    if !config.hotplug {
+        return Room {
+            max_vcpus: size.vcpus,
+            hotplug_mib: 0,
+        };
+    }
+    let (max_vcpus, max_mib) = limits(config, host);
+    let hotplug = max_mib.saturating_sub(u64::from(size.memory_mib)) / 128 * 128;
+    Room {
+        max_vcpus: u8::try_from(max_vcpus).unwrap_or(u8::MAX).max(size.vcpus),
+        hotplug_mib: u32::try_from(hotplug).unwrap_or(u32::MAX / 128 * 128),
+    }
+}
+
+/// The VM for `res` under `config`, with `host` = ([`host_limits`]) for limits the config
+/// leaves at 0.
+pub fn size(config: &Config, res: &PodResources, host: (u64, u64)) -> Result<VmSize, SizingError> {
+    let (max_vcpus, max_mib) = limits(config, host);
     let vcpus = match res.cpu {
         Some((quota, period)) => quota.div_ceil(period.max(1)),
         None => 0,
@@ -232,6 +270,35 @@ mod tests {
                 memory_mib: 256 + 512
             }
         );
+    }
+
+    #[test]
+    fn room_to_grow_is_the_limit_in_128_mib_steps() {
+        let size = VmSize {
+            vcpus: 2,
+            memory_mib: 300,
+        };
+        let r = room(&Config::default(), &size, HOST);
+        assert_eq!(r.max_vcpus, 8);
+        assert_eq!(r.hotplug_mib, (16384 - 300) / 128 * 128);
+        let off = Config {
+            hotplug: false,
+            ..Config::default()
+        };
+        assert_eq!(
+            room(&off, &size, HOST),
+            Room {
+                max_vcpus: 2,
+                hotplug_mib: 0
+            }
+        );
+        let tight = Config {
+            max_memory_mib: 400,
+            max_vcpus: 1,
+            ..Config::default()
+        };
+        let r = room(&tight, &size, HOST);
+        assert_eq!((r.max_vcpus, r.hotplug_mib), (2, 0));
     }
 
     #[test]

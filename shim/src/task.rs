@@ -33,6 +33,7 @@ use crate::namespaces;
 use crate::pod::{Pod, PodLauncher, PodVm, VmmLauncher};
 use crate::process::{self, Container, Exit, Process, Registry};
 use crate::rootfs;
+use crate::sizing::PodResources;
 
 type TtrpcResult<T> = ttrpc::Result<T>;
 
@@ -78,6 +79,14 @@ impl TaskService {
     ) -> Result<(), TaskError> {
         let share_pid_namespace_with =
             namespaces::pid_namespace_owner(spec, vm.pid())?.unwrap_or_default();
+        if req.id != vm.id() {
+            // A container beyond the pod's own ask grows the VM before it is created.
+            let asks = spec
+                .pointer("/linux/resources")
+                .map(PodResources::from_linux_resources)
+                .unwrap_or_default();
+            vm.set_container_resources(&req.id, Some(asks)).await?;
+        }
         let shared = vm.shared_dir();
         let bundle = Path::new(&req.bundle);
         let rel = rootfs::mount_rootfs(&shared, &req.id, bundle, &req.rootfs)
@@ -112,6 +121,9 @@ impl TaskService {
             .await?;
         if let Err(e) = self.create_in_vm(vm.as_ref(), req, &spec).await {
             rootfs::remove_container_files(&vm.shared_dir(), &req.id);
+            if let Err(e) = vm.set_container_resources(&req.id, None).await {
+                warn!("container {}: forgetting its resources: {e}", req.id);
+            }
             self.pod.stop_if_unused(!self.containers.is_empty()).await;
             return Err(e);
         }
@@ -213,6 +225,12 @@ impl TaskService {
             }
             if let Some(vm) = vm.as_ref() {
                 rootfs::remove_container_files(&vm.shared_dir(), id);
+                if id != vm.id() {
+                    // Bookkeeping only: the VM does not shrink (free pages go back by reporting).
+                    if let Err(e) = vm.set_container_resources(id, None).await {
+                        warn!("container {id}: forgetting its resources: {e}");
+                    }
+                }
             }
             self.containers.remove(id);
         }
@@ -526,6 +544,16 @@ impl Task for TaskService {
     ) -> TtrpcResult<api::Empty> {
         self.containers.process(&req.id, "")?;
         let vm = self.pod.running().await?;
+        if let Some(any) = req.resources.as_ref() {
+            // Grow the VM first: the container may use its new limit as soon as it has it.
+            let json: Value =
+                serde_json::from_slice(&any.value).map_err(|source| TaskError::ParseSpec {
+                    path: "UpdateTaskRequest.resources".into(),
+                    source,
+                })?;
+            vm.set_container_resources(&req.id, Some(PodResources::from_linux_resources(&json)))
+                .await?;
+        }
         let r = pb::UpdateContainerRequest {
             container_id: req.id.clone(),
             resources: req

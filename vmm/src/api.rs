@@ -318,6 +318,14 @@ mod tests {
             serde_json::from_str::<Command>(r#"{"cmd":"wait"}"#).unwrap(),
             Command::Wait
         );
+        assert_eq!(
+            serde_json::from_str::<Command>(r#"{"cmd":"resize-memory","hotplug_mib":512}"#)
+                .unwrap(),
+            Command::ResizeMemory { hotplug_mib: 512 }
+        );
+        assert!(
+            serde_json::from_str::<Command>(r#"{"cmd":"resize-memory","hotplug_mib":-1}"#).is_err()
+        );
         assert!(serde_json::from_str::<Command>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Command>(r#"{"cmd":"add-fs","tag":"t"}"#).is_err());
     }
