@@ -32,6 +32,8 @@ import time
 import urllib.request
 
 BUSYBOX = "/bin/busybox"
+# Where Debian's iptables keeps the extensions it loads at run time.
+XTABLES = "/usr/lib/x86_64-linux-gnu/xtables"
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # /etc/passwd and /etc/group as in the busybox:1.3x images cri-tools builds on.
@@ -172,6 +174,14 @@ IMAGES = [
             "dirs": {"home/default-user": 1000},
         },
     ),
+    # The pod trials' in-pod networking workload (Istio's init container, CNI-in-pod): busybox
+    # plus Debian's iptables (legacy and nft front ends, run as `xtables-*-multi iptables …`)
+    # with the extensions it dlopens.
+    (K8S_STAGING + "moat-netadmin:1", {
+        "host": ["/usr/sbin/xtables-legacy-multi", "/usr/sbin/xtables-nft-multi"] + sorted(
+            os.path.join(XTABLES, f) for f in os.listdir(XTABLES) if f.endswith(".so")
+        ) if os.path.isdir(XTABLES) else [],
+    }),
     # The same image under two registries (the "different registries" image specs); both names
     # resolve to pause:3.9 in the local registry.
     ("registry.k8s.io/pause:3.9", PAUSE),

@@ -24,6 +24,7 @@ import time
 import uuid
 
 IMAGE = "registry.k8s.io/e2e-test-images/busybox:1.29-2"
+NETADMIN_IMAGE = "gcr.io/k8s-staging-cri-tools/moat-netadmin:1"
 RUNTIME = os.environ.get("CRI_RUNTIME", "")
 CRICTL = shlex.split(os.environ.get("CRICTL", "crictl"))
 MEM_LIMIT = 128 << 20
@@ -611,6 +612,40 @@ def t_pod_grows_cpus(pod):
         crictl("rmp", "-f", pid, check=False, timeout=300)
 
 
+def t_netadmin_in_pod(pod):
+    """What Istio's init container and CNI-in-pod do: a privileged container makes a bridge and
+    a NAT REDIRECT rule (iptables legacy, then nft) in the pod's network namespace, and a
+    connection to port 80 lands on a server on 8080 (under moat in the guest kernel, which must
+    have bridge, netfilter NAT and REDIRECT)."""
+    if RUNTIME != "moat":
+        probe = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True)
+        if probe.returncode != 0:
+            raise Skipped("this host's kernel has no iptables NAT, which a runc pod uses")
+    crictl("pull", NETADMIN_IMAGE, timeout=600)
+    path = write_json(os.path.join(pod.dir, "netadmin.json"), {
+        "metadata": {"name": "netadmin"}, "image": {"image": NETADMIN_IMAGE},
+        "command": ["sleep", "100000"], "log_path": "netadmin.log",
+        "linux": {"security_context": {"privileged": True}},
+    })
+    cid = crictl("create", pod.id, path, pod.pod_cfg, timeout=300).stdout.strip()
+    crictl("start", cid, timeout=300)
+    try:
+        exec_in(cid, "ip link add moatbr0 type bridge && ip link set moatbr0 up && "
+                     "ip link show moatbr0 && ip link del moatbr0")
+        exec_in(cid, "mkdir -p /www && echo redirected-ok > /www/index.html && "
+                     "httpd -p 127.0.0.1:8080 -h /www")
+        for front in ("xtables-legacy-multi", "xtables-nft-multi"):
+            rule = "-p tcp -d 127.0.0.1 --dport 80 -j REDIRECT --to-ports 8080"
+            exec_in(cid, f"{front} iptables -t nat -A OUTPUT {rule}")
+            rc, out = exec_in(cid, "wget -q -T 10 -O - http://127.0.0.1:80/", check=False)
+            exec_in(cid, f"{front} iptables -t nat -D OUTPUT {rule}", check=False)
+            ensure(rc == 0 and "redirected-ok" in out,
+                   f"{front}: port 80 was not redirected to 8080: exit {rc}: {out!r}")
+    finally:
+        crictl("stop", "-t", "0", cid, check=False, timeout=300)
+        crictl("rm", "-f", cid, check=False, timeout=300)
+
+
 TRIALS = [
     ("three_containers_one_exited", t_three_containers),
     ("logs_through_cri_log_files", t_logs),
@@ -627,6 +662,7 @@ TRIALS = [
     ("hostname_and_dns", t_hostname_dns),
     ("stop_remove_ordering", t_stop_remove),
     ("pod_resources_size_the_vm", t_pod_resources),
+    ("netadmin_bridge_and_iptables_redirect_in_pod", t_netadmin_in_pod),
     ("pod_vm_grows_on_update_and_new_container", t_pod_grows),
     ("pod_vm_grows_cpus", t_pod_grows_cpus),
     ("freed_memory_goes_back_to_the_host", t_memory_given_back),
