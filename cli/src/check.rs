@@ -2,13 +2,18 @@
 //! found and, when it is not right, what to do; the command fails when any item fails.
 //!
 //! Items: the KVM device and its kind (hardware VMX/SVM, PVM, none) and access to it; moat-vmm;
-//! the guest kernel and initramfs (present, the right format, the kernel built with what moat
-//! needs); containerd, its version, the shim on its PATH and the runtime in its config; cgroup v2
-//! and namespaces; the host kernel features the shim's pod network needs (tc ingress qdisc, u32
-//! classifier, mirred action, tun/tap: [`moat_shim::host_features::HOST_FEATURES`]) and overlayfs (the
-//! snapshot mounts of containerd's default snapshotter, which the shim mounts). No vsock module
-//! is needed on the host: moat-vmm's virtio-vsock is a userspace device behind a Unix socket
-//! (hybrid vsock), not `vhost_vsock`.
+//! the guest kernel and initramfs (present, the right format, and, where a `vmlinux.config` lies
+//! beside the kernel as in a build tree, the kernel built with what moat needs); containerd, its
+//! version, the shim on its PATH, and the moat runtime in the configuration containerd actually
+//! runs with (the `--config` of the running containerd, else its default path, found by
+//! [`moat_cli::containerd_config::locate`]; imports included, confirmed by the real
+//! containerd's `config dump`, and whether containerd has read the file since it last changed);
+//! cgroup v2 and namespaces; the host kernel features the shim's pod network needs (tc ingress
+//! qdisc, u32 classifier, mirred action, tun/tap: [`moat_shim::host_features::HOST_FEATURES`])
+//! and overlayfs (the snapshot mounts of containerd's default snapshotter, which the shim
+//! mounts). No vsock module is needed on the host: moat-vmm's virtio-vsock is a userspace device
+//! behind a Unix socket (hybrid vsock), not `vhost_vsock`; the `vsock` line says so and whether
+//! `vhost_vsock` is loaded anyway.
 //!
 //! Everything is read below a root directory (`/` normally), so the classification is unit-tested
 //! on a fake tree.
@@ -19,6 +24,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use moat_cli::containerd_config::{self as cc, RUNTIME_TYPE};
 use moat_shim::config::Config;
 use moat_shim::host_features::{module_state, HostFeature, ModuleState, HOST_FEATURES};
 
@@ -212,14 +218,11 @@ fn check_guest(config: &Config) -> Vec<Item> {
                     )
                 });
             }
+            // The installer ships the kernel without its config: nothing to verify, nothing wrong.
             Err(_) => items.push(item(
-                Verdict::Warn,
+                Verdict::Ok,
                 "guest kernel",
-                format!(
-                    "{} present; no {} to verify its options",
-                    kernel.display(),
-                    config_file.display()
-                ),
+                format!("{} (ELF vmlinux)", kernel.display()),
             )),
         }
     }
@@ -257,7 +260,7 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-fn check_containerd(root: &Path) -> Vec<Item> {
+fn check_containerd() -> Vec<Item> {
     let mut items = Vec::new();
     match find_on_path("containerd") {
         Some(bin) => {
@@ -286,27 +289,129 @@ fn check_containerd(root: &Path) -> Vec<Item> {
             "containerd-shim-moat-v2 is not on PATH: containerd cannot start moat pods (install it to /usr/local/bin)",
         ),
     });
-    let conf = root.join("etc/containerd/config.toml");
-    items.push(match fs::read_to_string(&conf) {
-        Ok(text) if text.contains("io.containerd.moat.v2") => item(
-            Verdict::Ok,
-            "containerd config",
-            format!("{} has runtime io.containerd.moat.v2", conf.display()),
-        ),
-        Ok(_) => item(
+    items
+}
+
+/// `path` (absolute, as containerd names it) inside the tree at `root`.
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// Whether the containerd config containerd runs with has the moat runtime. `binary`, when
+/// given, is asked for its `config dump` of the file (the truth, drop-ins included).
+fn check_containerd_config(root: &Path, binary: Option<&Path>) -> Vec<Item> {
+    const NAME: &str = "containerd config";
+    let proc = root.join("proc");
+    let location = cc::locate(&proc, None);
+    let file = under(root, &location.path);
+    let shown = format!("{} ({})", location.path.display(), location.reason());
+    let install =
+        format!("run `moat install` to add it (`ctr --runtime {RUNTIME_TYPE}` works without it)");
+    let text = match cc::read_config(&file) {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            return vec![item(
+                Verdict::Warn,
+                NAME,
+                format!("no {shown}: containerd runs on its defaults, without a moat runtime, so Kubernetes cannot select moat; {install}"),
+            )]
+        }
+        Err(e) => return vec![item(Verdict::Warn, NAME, e.to_string())],
+    };
+    let scan = match cc::scan(&file, &text) {
+        Ok(s) => s,
+        Err(e) => return vec![item(Verdict::Fail, NAME, e.to_string())],
+    };
+    let mut items = Vec::new();
+    let dumped = binary.map(|b| (b, cc::dump_file(b, &file)));
+    let found = scan
+        .runtimes
+        .iter()
+        .find(|r| r.runtime_type.as_deref() == Some(RUNTIME_TYPE));
+    let in_dump = match &dumped {
+        Some((_, Ok(d))) => Some(cc::dumped_runtimes(d)),
+        _ => None,
+    };
+    let dump_has = |name: &str| {
+        in_dump
+            .as_ref()
+            .map(|rs| rs.iter().any(|(n, t)| n == name && t == RUNTIME_TYPE))
+    };
+    match (found, &in_dump) {
+        (Some(r), _) if dump_has(&r.name) != Some(false) => {
+            let from = if r.file == file {
+                String::new()
+            } else {
+                format!(" (from the import {})", r.file.display())
+            };
+            let checked = if in_dump.is_some() { ", as `containerd config dump` confirms" } else { "" };
+            items.push(item(
+                Verdict::Ok,
+                NAME,
+                format!("{shown} has runtime {} ({RUNTIME_TYPE}){from}{checked}", r.name),
+            ));
+        }
+        (Some(r), _) => items.push(item(
             Verdict::Warn,
-            "containerd config",
+            NAME,
             format!(
-                "{} has no io.containerd.moat.v2 runtime: Kubernetes cannot select moat (see docs/shim.md); ctr --runtime still works",
-                conf.display()
+                "{} defines runtime {} ({RUNTIME_TYPE}) but containerd's `config dump` of {shown} does not show it (a plugin of another config version?); {install}",
+                r.file.display(),
+                r.name
             ),
-        ),
-        Err(_) => item(
+        )),
+        (None, Some(rs)) if rs.iter().any(|(_, t)| t == RUNTIME_TYPE) => {
+            let names: Vec<&str> = rs.iter().filter(|(_, t)| t == RUNTIME_TYPE).map(|(n, _)| n.as_str()).collect();
+            items.push(item(
+                Verdict::Ok,
+                NAME,
+                format!("containerd's `config dump` of {shown} has runtime {} ({RUNTIME_TYPE}), from a drop-in containerd reads by itself", names.join(", ")),
+            ));
+        }
+        (None, _) => items.push(item(
             Verdict::Warn,
-            "containerd config",
-            format!("no {}: add the moat runtime for Kubernetes (see docs/shim.md)", conf.display()),
-        ),
-    });
+            NAME,
+            format!("{shown} has no runtime of type {RUNTIME_TYPE}, so Kubernetes cannot select moat; {install}"),
+        )),
+    }
+    if let Some((b, Err(e))) = &dumped {
+        items.push(item(
+            Verdict::Warn,
+            NAME,
+            format!(
+                "{} cannot read {}: {e}",
+                b.display(),
+                location.path.display()
+            ),
+        ));
+    }
+    for (import, why) in &scan.bad_imports {
+        items.push(item(
+            Verdict::Warn,
+            NAME,
+            format!("import {}: {why}", import.display()),
+        ));
+    }
+    if scan.cri_disabled {
+        items.push(item(
+            Verdict::Warn,
+            NAME,
+            format!("{} disables the CRI plugin (disabled_plugins): Kubernetes cannot use containerd at all", location.path.display()),
+        ));
+    }
+    if let Some(c) = &location.containerd {
+        if cc::started_before_change(&proc, c.pid, &file) == Some(true) {
+            items.push(item(
+                Verdict::Warn,
+                NAME,
+                format!(
+                    "containerd (pid {}) started before {} last changed, so it runs without the change: systemctl restart containerd",
+                    c.pid,
+                    location.path.display()
+                ),
+            ));
+        }
+    }
     items
 }
 
@@ -473,256 +578,35 @@ fn check_host_network(root: &Path) -> Vec<Item> {
     items
 }
 
+/// The host's vsock: moat needs none (hybrid vsock); says whether `vhost_vsock` is there anyway.
+fn check_vsock(root: &Path) -> Item {
+    let state = match module_state(root, "vhost_vsock", "CONFIG_VHOST_VSOCK") {
+        ModuleState::Loaded => "vhost_vsock is loaded (moat does not use it)",
+        ModuleState::BuiltIn => "vhost_vsock is built in (moat does not use it)",
+        _ => "vhost_vsock is not loaded, and need not be",
+    };
+    item(
+        Verdict::Ok,
+        "vsock",
+        format!("no host vsock module needed: moat-vmm's virtio-vsock is a userspace device behind a Unix socket (hybrid vsock); {state}"),
+    )
+}
+
 /// Runs every check against the tree at `root` with `config`.
 pub fn run(root: &Path, config: &Config) -> Vec<Item> {
     let mut items = check_kvm(root);
     items.extend(check_guest(config));
-    items.extend(check_containerd(root));
+    items.extend(check_containerd());
+    let location = cc::locate(&root.join("proc"), None);
+    items.extend(check_containerd_config(
+        root,
+        cc::containerd_binary(&location).as_deref(),
+    ));
     items.extend(check_kernel_features(root));
     items.extend(check_host_network(root));
+    items.push(check_vsock(root));
     items
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tree(modules: &[&str], kvm: bool) -> tempfile_dir::Dir {
-        let d = tempfile_dir::Dir::new();
-        for m in modules {
-            fs::create_dir_all(d.0.join("sys/module").join(m)).unwrap();
-        }
-        fs::create_dir_all(d.0.join("dev")).unwrap();
-        if kvm {
-            fs::write(d.0.join("dev/kvm"), b"").unwrap();
-        }
-        d
-    }
-
-    /// A tiny self-removing temp dir (keeps the crate free of test-only dependencies).
-    mod tempfile_dir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Self {
-                use std::sync::atomic::{AtomicU32, Ordering};
-                static N: AtomicU32 = AtomicU32::new(0);
-                let p = std::env::temp_dir().join(format!(
-                    "moat-check-test-{}-{}",
-                    std::process::id(),
-                    N.fetch_add(1, Ordering::Relaxed)
-                ));
-                std::fs::create_dir_all(&p).unwrap();
-                Dir(p)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-    }
-
-    #[test]
-    fn kvm_kinds_are_told_apart() {
-        assert_eq!(
-            kvm_kind(&tree(&["kvm", "kvm_intel"], true).0),
-            KvmKind::Hardware("kvm_intel, VMX")
-        );
-        assert_eq!(
-            kvm_kind(&tree(&["kvm", "kvm_amd"], true).0),
-            KvmKind::Hardware("kvm_amd, SVM")
-        );
-        assert_eq!(kvm_kind(&tree(&["kvm", "kvm_pvm"], true).0), KvmKind::Pvm);
-        assert_eq!(kvm_kind(&tree(&["kvm"], true).0), KvmKind::Unknown);
-        assert_eq!(kvm_kind(&tree(&["kvm_amd"], false).0), KvmKind::None);
-    }
-
-    #[test]
-    fn pvm_and_missing_kvm_fail_with_advice() {
-        let pvm = check_kvm(&tree(&["kvm_pvm"], true).0);
-        assert_eq!(pvm[0].verdict, Verdict::Fail);
-        assert!(
-            pvm[0].text.contains("hardware virtualization"),
-            "{}",
-            pvm[0]
-        );
-        let none = check_kvm(&tree(&[], false).0);
-        assert_eq!(none.len(), 1);
-        assert_eq!(none[0].verdict, Verdict::Fail);
-        assert!(none[0].text.contains("modprobe"), "{}", none[0]);
-    }
-
-    #[test]
-    fn guest_images_are_checked_for_presence_format_and_options() {
-        let d = tempfile_dir::Dir::new();
-        let config = Config {
-            vmm: d.0.join("moat-vmm"),
-            kernel: d.0.join("vmlinux"),
-            initrd: d.0.join("initramfs.cpio"),
-            ..Config::default()
-        };
-        let items = check_guest(&config);
-        assert!(
-            items.iter().all(|i| i.verdict == Verdict::Fail),
-            "{items:?}"
-        );
-
-        fs::write(&config.vmm, b"").unwrap();
-        fs::write(&config.kernel, b"MZ not an elf").unwrap();
-        fs::write(&config.initrd, [0x1f, 0x8b, 0x08]).unwrap();
-        let items = check_guest(&config);
-        assert_eq!(items[0].verdict, Verdict::Ok);
-        assert_eq!(items[1].verdict, Verdict::Fail, "{}", items[1]);
-        assert_eq!(items[2].verdict, Verdict::Ok);
-
-        fs::write(&config.kernel, b"\x7fELF....").unwrap();
-        fs::write(
-            d.0.join("vmlinux.config"),
-            "CONFIG_PVH=y\nCONFIG_VIRTIO_MMIO=y\n",
-        )
-        .unwrap();
-        let items = check_guest(&config);
-        assert_eq!(items[1].verdict, Verdict::Fail);
-        assert!(items[1].text.contains("CONFIG_VIRTIO_FS=y"), "{}", items[1]);
-
-        fs::write(
-            d.0.join("vmlinux.config"),
-            REQUIRED_KERNEL_OPTIONS.join("\n"),
-        )
-        .unwrap();
-        assert_eq!(check_guest(&config)[1].verdict, Verdict::Ok);
-    }
-
-    fn write(root: &Path, path: &str, text: &str) {
-        let p = root.join(path);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, text).unwrap();
-    }
-
-    #[test]
-    fn host_network_features_ok_when_loaded_or_built_in() {
-        let d = tempfile_dir::Dir::new();
-        write(
-            &d.0,
-            "proc/modules",
-            "sch_ingress 16384 2 - Live 0x0\ncls_u32 28672 2 - Live 0x0\nact_mirred 24576 2 - Live 0x0\n",
-        );
-        write(&d.0, "proc/sys/kernel/osrelease", "6.1.0-57-amd64\n");
-        write(
-            &d.0,
-            "lib/modules/6.1.0-57-amd64/modules.builtin",
-            "kernel/drivers/net/tun.ko\n",
-        );
-        write(&d.0, "dev/net/tun", "");
-        write(&d.0, "proc/filesystems", "nodev\ttmpfs\nnodev\toverlay\n");
-        let items = check_host_network(&d.0);
-        let names: Vec<&str> = items.iter().map(|i| i.name).collect();
-        assert_eq!(
-            names,
-            ["tc ingress", "tc u32", "tc mirred", "tun", "overlay"]
-        );
-        assert!(items.iter().all(|i| i.verdict == Verdict::Ok), "{items:#?}");
-        assert!(
-            items[3].text.contains("built into the kernel"),
-            "{}",
-            items[3]
-        );
-    }
-
-    #[test]
-    fn missing_host_network_features_fail_with_the_module_to_load() {
-        let d = tempfile_dir::Dir::new();
-        write(&d.0, "proc/modules", "");
-        write(&d.0, "proc/sys/kernel/osrelease", "6.1.0-57-amd64\n");
-        write(&d.0, "lib/modules/6.1.0-57-amd64/modules.builtin", "");
-        write(
-            &d.0,
-            "lib/modules/6.1.0-57-amd64/modules.dep",
-            "kernel/net/sched/sch_ingress.ko.xz:\nkernel/drivers/net/tun.ko.xz:\n",
-        );
-        write(
-            &d.0,
-            "boot/config-6.1.0-57-amd64",
-            "CONFIG_NET_SCH_INGRESS=m\nCONFIG_NET_CLS_U32=m\n# CONFIG_NET_ACT_MIRRED is not set\nCONFIG_TUN=m\nCONFIG_OVERLAY_FS=m\n",
-        );
-        let items = check_host_network(&d.0);
-        let by = |name: &str| items.iter().find(|i| i.name == name).unwrap().clone();
-        // Installed, not loaded: the shim loads it; fine.
-        assert_eq!(by("tc ingress").verdict, Verdict::Ok);
-        assert!(
-            by("tc ingress").text.contains("modprobe sch_ingress"),
-            "{}",
-            by("tc ingress")
-        );
-        // =m but not installed, and not built at all: fail, saying what to do.
-        assert_eq!(by("tc u32").verdict, Verdict::Fail);
-        assert!(
-            by("tc u32")
-                .text
-                .contains("linux-modules-extra-6.1.0-57-amd64"),
-            "{}",
-            by("tc u32")
-        );
-        assert_eq!(by("tc mirred").verdict, Verdict::Fail);
-        assert!(
-            by("tc mirred").text.contains("CONFIG_NET_ACT_MIRRED"),
-            "{}",
-            by("tc mirred")
-        );
-        // Loadable but no device node yet.
-        assert_eq!(by("tun").verdict, Verdict::Warn);
-        assert!(by("tun").text.contains("/dev/net/tun"), "{}", by("tun"));
-        // Not registered, =m, not in modules.dep: not installed.
-        assert_eq!(by("overlay").verdict, Verdict::Fail);
-        assert!(
-            by("overlay").text.contains("overlayfs unavailable"),
-            "{}",
-            by("overlay")
-        );
-    }
-
-    #[test]
-    fn host_network_feature_in_no_module_list_fails() {
-        let d = tempfile_dir::Dir::new();
-        write(&d.0, "proc/modules", "");
-        write(&d.0, "proc/sys/kernel/osrelease", "6.8.0-1-generic\n");
-        write(&d.0, "lib/modules/6.8.0-1-generic/modules.builtin", "");
-        write(&d.0, "lib/modules/6.8.0-1-generic/modules.dep", "");
-        let items = check_host_network(&d.0);
-        assert_eq!(items[2].name, "tc mirred");
-        assert_eq!(items[2].verdict, Verdict::Fail, "{}", items[2]);
-        assert!(
-            items[2]
-                .text
-                .contains("linux-modules-extra-6.8.0-1-generic"),
-            "{}",
-            items[2]
-        );
-    }
-
-    #[test]
-    fn unknown_host_network_features_warn() {
-        let d = tempfile_dir::Dir::new();
-        let items = check_host_network(&d.0);
-        assert!(
-            items.iter().all(|i| i.verdict == Verdict::Warn),
-            "{items:#?}"
-        );
-        assert!(
-            items[0].text.contains("no loadable modules"),
-            "{}",
-            items[0]
-        );
-        write(&d.0, "proc/modules", "");
-        let items = check_host_network(&d.0);
-        assert!(
-            items.iter().all(|i| i.verdict == Verdict::Warn),
-            "{items:#?}"
-        );
-        assert!(
-            items[0].text.contains("modprobe sch_ingress"),
-            "{}",
-            items[0]
-        );
-    }
-}
+mod tests;
