@@ -178,6 +178,8 @@ IMAGES = [
     # plus Debian's iptables (legacy and nft front ends, run as `xtables-*-multi iptables …`)
     # with the extensions it dlopens.
     (K8S_STAGING + "moat-netadmin:1", {
+        # iptables takes its lock in /run (not in the busybox image).
+        "dirs": {"run": 0},
         "host": ["/usr/sbin/xtables-legacy-multi", "/usr/sbin/xtables-nft-multi"] + sorted(
             os.path.join(XTABLES, f) for f in os.listdir(XTABLES) if f.endswith(".so")
         ) if os.path.isdir(XTABLES) else [],

@@ -15,6 +15,7 @@ closing `pod-trials: N passed, N failed, N skipped`; exits 1 when a trial failed
 import json
 import os
 import pty
+import re
 import select
 import shlex
 import subprocess
@@ -49,7 +50,9 @@ def crictl(*args, check=True, input_text=None, timeout=180):
     r = subprocess.run(CRICTL + list(args), capture_output=True, text=True, input=input_text,
                        timeout=timeout)
     if check and r.returncode != 0:
-        raise Failed(f"crictl {' '.join(args)}: exit {r.returncode}: {r.stderr.strip()[-600:]}")
+        # crictl's own warnings (cgroup driver, …) would hide the runtime's error.
+        err = "\n".join(l for l in r.stderr.splitlines() if "level=warning" not in l)
+        raise Failed(f"crictl {' '.join(args)}: exit {r.returncode}: {err.strip()[-600:]}")
     return r
 
 
@@ -579,12 +582,14 @@ def t_memory_given_back(pod):
         before = rss_tree_kib(vmm)
         exec_in(c, "dd if=/dev/zero of=/dev/null bs=800M count=1")
         peak = rss_tree_kib(vmm)
-        ensure(peak - before >= 600 << 10,
-               f"moat-vmm's RSS did not show the 800 MiB touched: {before} -> {peak} KiB")
-        low = wait_for("moat-vmm's RSS to fall by 600 MiB after the memory was freed",
-                       lambda: (lambda r: r if r <= peak - (600 << 10) else None)(
+        # The guest touched 800 MiB and freed it: without free page reporting the VMM would keep
+        # them (RSS stays hundreds of MiB above idle); with it, RSS comes back near idle. (The
+        # peak is only reported: reporting may have begun before it was read.)
+        low = wait_for("moat-vmm's RSS to come back within 200 MiB of idle after the 800 MiB "
+                       "were freed",
+                       lambda: (lambda r: r if r <= before + (200 << 10) else None)(
                            rss_tree_kib(vmm)), secs=120)
-        print(f"  moat-vmm RSS: {before >> 10} MiB idle, {peak >> 10} MiB after touching "
+        print(f"  moat-vmm RSS: {before >> 10} MiB idle, {peak >> 10} MiB right after touching "
               f"800 MiB, {low >> 10} MiB after it was freed", flush=True)
     finally:
         crictl("stopp", pid, check=False, timeout=300)
@@ -613,37 +618,47 @@ def t_pod_grows_cpus(pod):
 
 
 def t_netadmin_in_pod(pod):
-    """What Istio's init container and CNI-in-pod do: a privileged container makes a bridge and
-    a NAT REDIRECT rule (iptables legacy, then nft) in the pod's network namespace, and a
-    connection to port 80 lands on a server on 8080 (under moat in the guest kernel, which must
-    have bridge, netfilter NAT and REDIRECT)."""
+    """What Istio's init container and CNI-in-pod do: a container with NET_ADMIN and NET_RAW (as
+    istio-init asks) makes a bridge and a NAT REDIRECT rule (iptables legacy, then nft) in its
+    pod's network namespace, and a connection to port 80 lands on a server on 8080 (under moat
+    in the guest kernel, which must have bridge, netfilter NAT and REDIRECT)."""
     if RUNTIME != "moat":
         probe = subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True)
         if probe.returncode != 0:
             raise Skipped("this host's kernel has no iptables NAT, which a runc pod uses")
     crictl("pull", NETADMIN_IMAGE, timeout=600)
+    pod_cfg, pod_id = small_pod(pod, "netadmin")
     path = write_json(os.path.join(pod.dir, "netadmin.json"), {
         "metadata": {"name": "netadmin"}, "image": {"image": NETADMIN_IMAGE},
         "command": ["sleep", "100000"], "log_path": "netadmin.log",
-        "linux": {"security_context": {"privileged": True}},
+        "linux": {"security_context": {"capabilities": {
+            "add_capabilities": ["NET_ADMIN", "NET_RAW"]}}},
     })
-    cid = crictl("create", pod.id, path, pod.pod_cfg, timeout=300).stdout.strip()
-    crictl("start", cid, timeout=300)
     try:
+        cid = crictl("create", pod_id, path, pod_cfg, timeout=300).stdout.strip()
+        crictl("start", cid, timeout=300)
         exec_in(cid, "ip link add moatbr0 type bridge && ip link set moatbr0 up && "
                      "ip link show moatbr0 && ip link del moatbr0")
-        exec_in(cid, "mkdir -p /www && echo redirected-ok > /www/index.html && "
-                     "httpd -p 127.0.0.1:8080 -h /www")
+        exec_in(cid, "mkdir -p /www && echo redirected-ok > /www/index.html")
         for front in ("xtables-legacy-multi", "xtables-nft-multi"):
             rule = "-p tcp -d 127.0.0.1 --dport 80 -j REDIRECT --to-ports 8080"
-            exec_in(cid, f"{front} iptables -t nat -A OUTPUT {rule}")
-            rc, out = exec_in(cid, "wget -q -T 10 -O - http://127.0.0.1:80/", check=False)
-            exec_in(cid, f"{front} iptables -t nat -D OUTPUT {rule}", check=False)
+            # One exec: the server, waiting (bounded) until it answers, the rule, the request
+            # to port 80, the rule removed. (No `wget -T`: Debian's busybox 1.35 wget crashes
+            # with it; crictl's own time-out bounds the exec.)
+            script = (
+                "exec 2>&1; httpd -f -p 127.0.0.1:8080 -h /www & srv=$!; "
+                "i=0; until wget -q -O /dev/null http://127.0.0.1:8080/; do "
+                "i=$((i+1)); [ $i -lt 100 ] || { echo server-down; exit 2; }; sleep 0.1; done; "
+                f"{front} iptables -t nat -A OUTPUT {rule}; echo add-status=$?; "
+                "wget -O - http://127.0.0.1:80/; rc=$?; echo wget-status=$rc; "
+                f"{front} iptables -t nat -D OUTPUT {rule}; kill $srv; exit $rc"
+            )
+            rc, out = exec_in(cid, script, check=False)
             ensure(rc == 0 and "redirected-ok" in out,
                    f"{front}: port 80 was not redirected to 8080: exit {rc}: {out!r}")
     finally:
-        crictl("stop", "-t", "0", cid, check=False, timeout=300)
-        crictl("rm", "-f", cid, check=False, timeout=300)
+        crictl("stopp", pod_id, check=False, timeout=300)
+        crictl("rmp", "-f", pod_id, check=False, timeout=300)
 
 
 TRIALS = [
@@ -680,7 +695,10 @@ def main():
         setup_error = None
     except (Failed, subprocess.TimeoutExpired, OSError) as e:
         setup_error = f"the pod did not start: {e}"
+    only = os.environ.get("MOAT_TRIALS")  # a regular expression over names (debugging)
     for name, fn in TRIALS:
+        if only and not re.search(only, name):
+            continue
         try:
             if setup_error:
                 raise Failed(setup_error)
