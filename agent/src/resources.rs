@@ -124,6 +124,7 @@ pub fn mem_total_bytes(root: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use moat_test_support::TempDir;
 
     #[test]
     fn cpu_lists() {
@@ -134,8 +135,8 @@ mod tests {
     }
 
     /// A fake sysfs: writes to `cpuN/online` are recorded, `online` is kept in step by the test.
-    fn tree(present: &str, online: &str) -> tempdir::Dir {
-        let d = tempdir::Dir::new();
+    fn tree(present: &str, online: &str) -> TempDir {
+        let d = TempDir::new("agent-resources");
         let cpu = d.0.join("sys/devices/system/cpu");
         std::fs::create_dir_all(&cpu).unwrap();
         std::fs::write(cpu.join("present"), present).unwrap();
@@ -144,25 +145,6 @@ mod tests {
             std::fs::create_dir_all(cpu.join(format!("cpu{c}"))).unwrap();
         }
         d
-    }
-
-    mod tempdir {
-        pub struct Dir(pub std::path::PathBuf);
-        impl Dir {
-            pub fn new() -> Self {
-                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p =
-                    std::env::temp_dir().join(format!("moat-agent-res-{}-{n}", std::process::id()));
-                std::fs::create_dir_all(&p).unwrap();
-                Self(p)
-            }
-        }
-        impl Drop for Dir {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
     }
 
     #[test]
@@ -189,7 +171,7 @@ mod tests {
 
     #[test]
     fn onlines_offline_memory_blocks() {
-        let d = tempdir::Dir::new();
+        let d = TempDir::new("agent-resources");
         let mem = d.0.join("sys/devices/system/memory");
         for (name, state) in [("memory32", "offline\n"), ("memory33", "online\n")] {
             std::fs::create_dir_all(mem.join(name)).unwrap();

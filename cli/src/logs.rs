@@ -157,17 +157,10 @@ mod tests {
     use super::*;
     use std::fs;
 
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    fn state_dir(tag: &str) -> Dir {
-        let p = std::env::temp_dir().join(format!("moat-logs-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        Dir(p)
+    use moat_test_support::TempDir;
+
+    fn state_dir(tag: &str) -> TempDir {
+        TempDir::new(&format!("logs-{tag}"))
     }
 
     #[test]

@@ -307,20 +307,7 @@ mod tests {
     use super::*;
     use std::fs;
 
-    struct Dir(PathBuf);
-    impl Dir {
-        fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!("moat-ps-{tag}-{}", std::process::id()));
-            let _ = fs::remove_dir_all(&p);
-            fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
+    use moat_test_support::TempDir as Dir;
 
     fn make_pod(state: &Path, ns: &str, id: &str, pid: Option<u32>) -> PathBuf {
         let dir = state.join(ns).join(id);

@@ -2,8 +2,8 @@
 
 use super::*;
 
-fn tree(modules: &[&str], kvm: bool) -> tempfile_dir::Dir {
-    let d = tempfile_dir::Dir::new();
+fn tree(modules: &[&str], kvm: bool) -> TempDir {
+    let d = TempDir::new("check");
     for m in modules {
         fs::create_dir_all(d.0.join("sys/module").join(m)).unwrap();
     }
@@ -14,43 +14,7 @@ fn tree(modules: &[&str], kvm: bool) -> tempfile_dir::Dir {
     d
 }
 
-/// A tiny self-removing temp dir (keeps the crate free of test-only dependencies).
-mod tempfile_dir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> Self {
-            use std::sync::atomic::{AtomicU32, Ordering};
-            static N: AtomicU32 = AtomicU32::new(0);
-            let p = std::env::temp_dir().join(format!(
-                "moat-check-test-{}-{}",
-                std::process::id(),
-                N.fetch_add(1, Ordering::Relaxed)
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-#[test]
-fn kvm_kinds_are_told_apart() {
-    assert_eq!(
-        kvm_kind(&tree(&["kvm", "kvm_intel"], true).0),
-        KvmKind::Hardware("kvm_intel, VMX")
-    );
-    assert_eq!(
-        kvm_kind(&tree(&["kvm", "kvm_amd"], true).0),
-        KvmKind::Hardware("kvm_amd, SVM")
-    );
-    assert_eq!(kvm_kind(&tree(&["kvm", "kvm_pvm"], true).0), KvmKind::Pvm);
-    assert_eq!(kvm_kind(&tree(&["kvm"], true).0), KvmKind::Unknown);
-    assert_eq!(kvm_kind(&tree(&["kvm_amd"], false).0), KvmKind::None);
-}
+use moat_test_support::TempDir;
 
 #[test]
 fn pvm_and_missing_kvm_fail_with_advice() {
@@ -69,7 +33,7 @@ fn pvm_and_missing_kvm_fail_with_advice() {
 
 #[test]
 fn guest_images_are_checked_for_presence_format_and_options() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     let config = Config {
         vmm: d.0.join("moat-vmm"),
         kernel: d.0.join("vmlinux"),
@@ -120,7 +84,7 @@ fn write(root: &Path, path: &str, text: &str) {
 
 #[test]
 fn host_network_features_ok_when_loaded_or_built_in() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     write(
         &d.0,
         "proc/modules",
@@ -150,7 +114,7 @@ fn host_network_features_ok_when_loaded_or_built_in() {
 
 #[test]
 fn missing_host_network_features_fail_with_the_module_to_load() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     write(&d.0, "proc/modules", "");
     write(&d.0, "proc/sys/kernel/osrelease", "6.1.0-57-amd64\n");
     write(&d.0, "lib/modules/6.1.0-57-amd64/modules.builtin", "");
@@ -202,7 +166,7 @@ fn missing_host_network_features_fail_with_the_module_to_load() {
 
 #[test]
 fn host_network_feature_in_no_module_list_fails() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     write(&d.0, "proc/modules", "");
     write(&d.0, "proc/sys/kernel/osrelease", "6.8.0-1-generic\n");
     write(&d.0, "lib/modules/6.8.0-1-generic/modules.builtin", "");
@@ -221,7 +185,7 @@ fn host_network_feature_in_no_module_list_fails() {
 
 #[test]
 fn unknown_host_network_features_warn() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     let items = check_host_network(&d.0);
     assert!(
         items.iter().all(|i| i.verdict == Verdict::Warn),
@@ -261,7 +225,7 @@ const MOAT_TABLE: &str = "[plugins.\"io.containerd.grpc.v1.cri\".containerd.runt
 
 #[test]
 fn containerd_config_is_the_one_containerd_runs_with() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     // containerd started after the files were written (boot time: now).
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -333,7 +297,7 @@ fn containerd_config_is_the_one_containerd_runs_with() {
 
 #[test]
 fn a_containerd_older_than_its_config_must_restart() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     // containerd started 1 s after boot, in 1970; the config was written now.
     write(&d.0, "proc/stat", "btime 0\n");
     fake_process(&d.0, 300, &["containerd"]);
@@ -360,7 +324,7 @@ fn containerd_config_confirmed_by_the_real_containerd() {
         moat_test_support::skip("no /usr/bin/containerd (Debian's containerd package)");
         return;
     }
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     write(
         &d.0,
         "etc/containerd/config.toml",
@@ -400,7 +364,7 @@ fn containerd_config_confirmed_by_the_real_containerd() {
 
 #[test]
 fn vsock_needs_no_host_module() {
-    let d = tempfile_dir::Dir::new();
+    let d = TempDir::new("check");
     let i = check_vsock(&d.0);
     assert_eq!(i.verdict, Verdict::Ok);
     assert!(

@@ -1,7 +1,7 @@
 //! What the crates' host tests share: reporting a test that cannot run on this machine as
 //! **skipped** (so that the closing `N passed, N failed, N skipped` line of `scripts/test` never
-//! counts it as passed), a busybox-static rootfs for real containers, and starting a real
-//! `moat-agent` on the host.
+//! counts it as passed), a busybox-static rootfs for real containers, starting a real
+//! `moat-agent` on the host, and scratch directories ([`TempDir`]).
 //!
 //! libtest has no way for a running test to say "skipped": a test that returns early passes. So a
 //! test that cannot run calls [`skip`] and returns; `scripts/test` names a file in
@@ -122,6 +122,35 @@ pub fn wait_serving(stderr: ChildStderr) -> bool {
         }
     });
     serving
+}
+
+/// A scratch directory `$TMPDIR/moat-TAG-PID-N` (made empty, unique within the process),
+/// removed with everything in it on drop. The path is the public field.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Makes the directory for `tag` (a word naming the test or module).
+    pub fn new(tag: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("moat-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p)
+            .unwrap_or_else(|e| panic!("cannot make scratch directory {}: {e}", p.display()));
+        TempDir(p)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 #[cfg(test)]
