@@ -855,12 +855,12 @@ fn loopback_is_up_in_the_sandbox() {
     require_root!();
     let a = TestAgent::start("loopback");
     // A TCP round trip over 127.0.0.1: the listener's output proves the
-    // connection; `nc` retries are avoided by connecting only after the
-    // listener announced itself through a fifo.
+    // connection. busybox `nc -l` cannot say when it listens, so the client
+    // polls (bounded: 400 tries 50 ms apart) from when the listener started.
     let script = "mkfifo /tmp/ready; \
                   (nc -l -p 5555 127.0.0.1 > /tmp/got & echo up > /tmp/ready; wait) & \
                   read x < /tmp/ready; \
-                  i=0; until echo hello | nc 127.0.0.1 5555 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; done; \
+                  i=0; until echo hello | nc 127.0.0.1 5555 2>/dev/null; do i=$((i+1)); [ $i -gt 400 ] && break; sleep 0.05; done; \
                   wait; cat /tmp/got; ping -c1 -W5 127.0.0.1 >/dev/null && echo ping-ok";
     a.create("lo", &spec(&["sh", "-c", script], false)).unwrap();
     a.start_c("lo");
