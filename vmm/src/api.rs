@@ -2,7 +2,7 @@
 //! line, one response line each (protocol in docs/vmm.md).
 //!
 //! An accept thread serves each connection on its own thread. Requests that need the VMM
-//! (`start`, `stop`, `pause`, `resume`, `status`, `add-fs`, `add-blk`,
+//! (`start`, `stop`, `pause`, `resume`, `status`, `metrics`, `add-fs`, `add-blk`,
 //! `resize-memory`) travel over a channel
 //! to the VMM thread, which is woken through an eventfd; `wait` blocks in the connection
 //! thread until the VM has been torn down.
@@ -36,6 +36,8 @@ pub enum Command {
     Resume,
     /// Report state and boot time.
     Status,
+    /// Report the VM's counters: vCPUs, memory, boot time, per-device I/O counters.
+    Metrics,
     /// Block until the VMM has stopped the VM; answers with the exit status.
     Wait,
     /// Add a virtio-fs share (before `start` only).
@@ -71,6 +73,9 @@ pub struct Response {
     /// Milliseconds from VMM start to the guest's boot marker, once seen.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub boot_ms: Option<u64>,
+    /// Counters (`metrics`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<crate::metrics::VmMetrics>,
     /// Process exit status the VMM exits with (`wait`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
@@ -325,6 +330,10 @@ mod tests {
         );
         assert!(
             serde_json::from_str::<Command>(r#"{"cmd":"resize-memory","hotplug_mib":-1}"#).is_err()
+        );
+        assert_eq!(
+            serde_json::from_str::<Command>(r#"{"cmd":"metrics"}"#).unwrap(),
+            Command::Metrics
         );
         assert!(serde_json::from_str::<Command>(r#"{"cmd":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<Command>(r#"{"cmd":"add-fs","tag":"t"}"#).is_err());

@@ -29,6 +29,7 @@ use crate::devices::virtio::{
 };
 use crate::devices::{Bus, BusError};
 use crate::exit::ExitNotifier;
+use crate::metrics::{CounterSource, DeviceEntry};
 use crate::seccomp::SeccompPolicy;
 use crate::vmm::{ControlEvents, DeviceThread, Subscriber, Vmm, VmmError};
 use crate::vstate::vcpu::{VcpuContext, VcpuControl};
@@ -322,16 +323,29 @@ pub fn build(
     };
     // vsock and rng only shuffle bytes: the shared event loop. fs and blk make blocking file
     // system calls (including fsync): a thread each, so they cannot stall the others.
+    // Each device's counters, for the control socket's `metrics`.
+    let mut metrics = Vec::new();
+    let mut counted = |device: String, kind: &'static str, counters: Arc<dyn CounterSource>| {
+        metrics.push(DeviceEntry {
+            device,
+            kind,
+            counters,
+        })
+    };
     if let Some(v) = &cfg.vsock {
         let dev = vsock::Vsock::new(v.cid, &v.uds)?;
+        counted("vsock0".into(), "vsock", dev.counters());
         devices.add(dev, None)?;
     }
     for share in &cfg.fs {
         let dev = fs::Fs::new(&share.tag, &share.dir)?;
-        devices.add(dev, Some(format!("fs-{}", share.tag)))?;
+        let name = format!("fs-{}", share.tag);
+        counted(name.clone(), "fs", dev.counters());
+        devices.add(dev, Some(name))?;
     }
     for (i, disk) in cfg.blk.iter().enumerate() {
         let dev = blk::Block::new(&disk.path, disk.read_only)?;
+        counted(format!("blk{i}"), "blk", dev.counters());
         devices.add(dev, Some(format!("blk{i}")))?;
     }
     if cfg.rng {
@@ -346,23 +360,27 @@ pub fn build(
             cfg.mem_hotplug_mib << 20,
         )
         .map_err(|e| BuildError::Os("eventfd", e))?;
-        Some(devices.add(dev, None)?)
+        let dev = devices.add(dev, None)?;
+        counted("mem0".into(), "mem", dev.clone());
+        Some(dev)
     } else {
         None
     };
     if cfg.balloon {
         // Free page reporting: a few madvise calls every few seconds at most.
         let dev = balloon::Balloon::new().map_err(|e| BuildError::Os("eventfd", e))?;
+        counted("balloon0".into(), "balloon", dev.stats());
         devices.add(dev, None)?;
     }
     // virtio-net last, in --net order: the guest names them eth0, eth1, ... as it probes them.
     // Their data path is tap reads and writes, which never block: the shared event loop.
-    for n in &cfg.net {
+    for (i, n) in cfg.net.iter().enumerate() {
         let mac = match n.mac {
             Some(m) => m,
             None => net::MacAddr::random_local().map_err(BuildError::MacAddr)?,
         };
         let dev = net::Net::new(&n.tap, mac)?;
+        counted(format!("net{i}"), "net", dev.counters());
         devices.add(dev, None)?;
     }
     let device_threads = std::mem::take(&mut devices.threads);
@@ -428,6 +446,9 @@ pub fn build(
         exit,
         boot_ms,
         hotplug,
+        metrics,
+        vcpu_count: u64::from(cfg.vcpus),
+        mem_bytes: mem_size,
         vcpu_ctx,
         paused: false,
     })

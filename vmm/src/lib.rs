@@ -15,6 +15,7 @@ pub mod exit;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod jail;
+pub mod metrics;
 pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

@@ -101,6 +101,17 @@ fn wait_for_start(
                     },
                     false,
                 ),
+                Command::Metrics => (
+                    Response {
+                        metrics: Some(moat_vmm::metrics::VmMetrics {
+                            vcpus: u64::from(cfg.vcpus),
+                            mem_bytes: cfg.mem_mib << 20,
+                            ..Default::default()
+                        }),
+                        ..Response::ok()
+                    },
+                    false,
+                ),
                 Command::Pause | Command::Resume | Command::ResizeMemory { .. } => {
                     (Response::error("the VM is not started"), false)
                 }

@@ -14,6 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiServer, Command, Response};
 use crate::devices::legacy::MARKER_UNSET;
 use crate::exit::{ExitNotifier, ExitReason};
+use crate::metrics::{DeviceEntry, VmMetrics};
 use crate::seccomp::{SeccompPolicy, ThreadKind};
 use crate::vstate::vcpu::{VcpuContext, Vcpus};
 use crate::vstate::vm::Vm;
@@ -194,6 +195,11 @@ pub struct Vmm {
     pub(crate) boot_ms: Arc<AtomicU64>,
     /// The virtio-mem device, when the VM has hotplug memory.
     pub(crate) hotplug: Option<Arc<Mutex<crate::devices::virtio::mem::VirtioMem>>>,
+    /// Every device's counters, for `metrics`.
+    pub(crate) metrics: Vec<DeviceEntry>,
+    pub(crate) vcpu_count: u64,
+    /// Boot memory, bytes.
+    pub(crate) mem_bytes: u64,
     pub(crate) vcpu_ctx: VcpuContext,
     pub(crate) paused: bool,
 }
@@ -203,6 +209,16 @@ impl Vmm {
     pub fn boot_ms(&self) -> Option<u64> {
         let v = self.boot_ms.load(Ordering::SeqCst);
         (v != MARKER_UNSET).then_some(v)
+    }
+
+    /// The `metrics` answer: the VM's shape, boot time and every device's counters.
+    pub fn metrics(&self) -> VmMetrics {
+        VmMetrics {
+            vcpus: self.vcpu_count,
+            mem_bytes: self.mem_bytes,
+            boot_ms: self.boot_ms(),
+            devices: self.metrics.iter().map(DeviceEntry::read).collect(),
+        }
     }
 
     /// Runs the guest until it stops; returns why. Every thread is joined and every device
@@ -269,6 +285,10 @@ impl Vmm {
                     state: Some(if self.paused { "paused" } else { "running" }.into()),
                     boot_ms: self.boot_ms(),
                     ..self.hotplug_sizes(Response::ok())
+                },
+                Command::Metrics => Response {
+                    metrics: Some(self.metrics()),
+                    ..Response::ok()
                 },
                 Command::ResizeMemory { hotplug_mib } => match &self.hotplug {
                     None => Response::error(

@@ -8,11 +8,14 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::metrics::{bump, BlkCounters};
 
 use super::{
     device_type, drain_queue, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
@@ -89,6 +92,7 @@ pub struct Block {
     id: [u8; ID_LEN],
     evts: [EventFd; 1],
     active: Option<ActivateContext>,
+    stats: Arc<BlkCounters>,
 }
 
 impl Block {
@@ -127,7 +131,13 @@ impl Block {
             id,
             evts: [EventFd::new(libc::EFD_NONBLOCK).map_err(BlkError::EventFd)?],
             active: None,
+            stats: Arc::default(),
         })
+    }
+
+    /// The device's counters, shared with the control socket's `metrics`.
+    pub fn counters(&self) -> Arc<BlkCounters> {
+        self.stats.clone()
     }
 
     /// Serves every pending request.
@@ -147,6 +157,7 @@ impl Block {
         let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
             (Ok(r), Ok(w)) => (r, w),
             (Err(e), _) | (_, Err(e)) => {
+                bump(&self.stats.errors, 1);
                 guest_warn!("virtio-blk: malformed request: {e}");
                 return 0;
             }
@@ -154,12 +165,14 @@ impl Block {
         // The status byte is the last writable byte.
         let writable = writer.available_bytes();
         if writable == 0 {
+            bump(&self.stats.errors, 1);
             guest_warn!("virtio-blk: request without a status byte");
             return 0;
         }
         let mut status_writer = match writer.split_at(writable - 1) {
             Ok(s) => s,
             Err(e) => {
+                bump(&self.stats.errors, 1);
                 guest_warn!("virtio-blk: malformed request: {e}");
                 return 0;
             }
@@ -167,10 +180,12 @@ impl Block {
         let (status, data_len) = match self.execute(&mut reader, &mut writer) {
             Ok(n) => (VIRTIO_BLK_S_OK, n),
             Err(BlkError::Unsupported(t)) => {
+                bump(&self.stats.errors, 1);
                 tracing::debug!("virtio-blk: unsupported request type {t}");
                 (VIRTIO_BLK_S_UNSUPP, 0)
             }
             Err(e) => {
+                bump(&self.stats.errors, 1);
                 guest_warn!("virtio-blk: {e}");
                 (VIRTIO_BLK_S_IOERR, 0)
             }
@@ -201,6 +216,8 @@ impl Block {
                     .read_exact_at(&mut buf, off)
                     .map_err(BlkError::Io)?;
                 writer.write_all(&buf).map_err(BlkError::Chain)?;
+                bump(&self.stats.read_requests, 1);
+                bump(&self.stats.read_bytes, len as u64);
                 Ok(len)
             }
             VIRTIO_BLK_T_OUT => {
@@ -212,12 +229,15 @@ impl Block {
                 let mut buf = vec![0u8; len];
                 reader.read_exact(&mut buf).map_err(BlkError::Chain)?;
                 self.file.write_all_at(&buf, off).map_err(BlkError::Io)?;
+                bump(&self.stats.write_requests, 1);
+                bump(&self.stats.write_bytes, len as u64);
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.read_only {
                     self.file.sync_data().map_err(BlkError::Io)?;
                 }
+                bump(&self.stats.flush_requests, 1);
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {
@@ -293,7 +313,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::testing::Driver;
     use crate::devices::virtio::IrqTrigger;
-    use std::sync::Arc;
+    use crate::metrics::CounterSource;
     use vm_memory::{Bytes, GuestAddress};
 
     const HDR: u64 = 0x10000;
@@ -372,6 +392,10 @@ mod tests {
         d.add_chain(&[(HDR, 16, false), (STATUS, 1, true)]);
         b.process_queue();
         assert_eq!(status(&d), VIRTIO_BLK_S_UNSUPP);
+        let c = b.counters().snapshot();
+        assert_eq!((c["read_requests"], c["read_bytes"]), (1, 1024), "{c:?}");
+        assert_eq!((c["write_requests"], c["write_bytes"]), (1, 512));
+        assert_eq!((c["flush_requests"], c["errors"]), (1, 1));
         std::fs::remove_file(path).unwrap();
     }
 
@@ -418,6 +442,8 @@ mod tests {
         assert_eq!(d.used_idx(), 7);
         assert_eq!(d.used(5).1, 0);
         assert_eq!(d.used(6).1, 0);
+        let c = b.counters().snapshot();
+        assert_eq!((c["read_bytes"], c["write_bytes"], c["errors"]), (0, 0, 7));
         std::fs::remove_file(path).unwrap();
     }
 

@@ -18,6 +18,7 @@ use super::fs_policy::PolicyFs;
 use super::{
     device_type, drain_queue, ActivateContext, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1,
 };
+use crate::metrics::{bump, FsCounters};
 
 const QUEUE_SIZE: u16 = 256;
 const NUM_QUEUES: usize = 2;
@@ -53,6 +54,7 @@ pub struct Fs {
     server: Arc<Server<Arc<PolicyFs<PassthroughFs>>>>,
     evts: [EventFd; NUM_QUEUES],
     active: Option<ActivateContext>,
+    stats: Arc<FsCounters>,
 }
 
 impl Fs {
@@ -87,7 +89,13 @@ impl Fs {
             server: Arc::new(Server::new(Arc::new(PolicyFs::new(fs)))),
             evts: [evt()?, evt()?],
             active: None,
+            stats: Arc::default(),
         })
+    }
+
+    /// The device's counters, shared with the control socket's `metrics`.
+    pub fn counters(&self) -> Arc<FsCounters> {
+        self.stats.clone()
     }
 
     /// Serves every pending request of queue `index`.
@@ -97,10 +105,13 @@ impl Fs {
         };
         let mem = ctx.mem.clone();
         let server = self.server.clone();
+        let stats = &self.stats;
         drain_queue(&mut ctx.queues[index], &mem, &ctx.irq, |chain| {
+            bump(&stats.requests, 1);
             let reader = match Reader::from_descriptor_chain(&mem, chain.clone()) {
                 Ok(r) => r,
                 Err(e) => {
+                    bump(&stats.errors, 1);
                     guest_warn!("virtio-fs: malformed request: {e}");
                     return 0;
                 }
@@ -108,13 +119,18 @@ impl Fs {
             let writer = match VirtioFsWriter::new(&mem, chain) {
                 Ok(w) => w,
                 Err(e) => {
+                    bump(&stats.errors, 1);
                     guest_warn!("virtio-fs: malformed request: {e}");
                     return 0;
                 }
             };
             match server.handle_message(reader, writer.into(), None, None) {
-                Ok(n) => n as u32,
+                Ok(n) => {
+                    bump(&stats.reply_bytes, n as u64);
+                    n as u32
+                }
                 Err(e) => {
+                    bump(&stats.errors, 1);
                     guest_warn!("virtio-fs: request failed: {e}");
                     0
                 }
@@ -265,6 +281,9 @@ mod tests {
         assert_eq!(d.used_idx(), 4);
         assert_eq!(d.used(2).1, 0);
         assert_eq!(d.used(3).1, 0);
+        let c = crate::metrics::CounterSource::snapshot(&*fs.counters());
+        assert_eq!((c["requests"], c["errors"]), (4, 2), "{c:?}");
+        assert_eq!(c["reply_bytes"], u64::from(d.used(0).1 + d.used(1).1));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

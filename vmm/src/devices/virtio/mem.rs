@@ -104,6 +104,11 @@ impl VirtioMem {
         Ok(())
     }
 
+    /// Size of the hotplug region, bytes.
+    pub fn region_size(&self) -> u64 {
+        self.region_size
+    }
+
     /// `(requested, plugged)` bytes.
     pub fn sizes(&self) -> (u64, u64) {
         (self.requested_size, self.plugged_size)

@@ -2,6 +2,9 @@
 //! state (including the tap offloads to apply on the event loop thread), and the receive and
 //! transmit loops that move frames between the tap and the data path in `rxtx`.
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -12,6 +15,7 @@ use crate::devices::virtio::tap::{Tap, TapError};
 use crate::devices::virtio::{
     device_type, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
 };
+use crate::metrics::{bump, NetCounters};
 
 pub(super) const QUEUE_SIZE: u16 = 256;
 pub(super) const RXQ: usize = 0;
@@ -28,7 +32,7 @@ pub enum NetError {
     EventFd(#[source] std::io::Error),
 }
 
-/// Frame counters of one device.
+/// Frame counters of one device (a snapshot of its [`NetCounters`]).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct NetStats {
     /// Frames delivered to the guest.
@@ -56,7 +60,7 @@ pub struct Net {
     rx_buf: Vec<u8>,
     pub(super) rx_len: usize,
     tx_buf: Vec<u8>,
-    stats: NetStats,
+    stats: Arc<NetCounters>,
 }
 
 impl Net {
@@ -75,13 +79,24 @@ impl Net {
             rx_buf: vec![0; MAX_FRAME + 1],
             rx_len: 0,
             tx_buf: vec![0; MAX_FRAME],
-            stats: NetStats::default(),
+            stats: Arc::default(),
         })
     }
 
-    /// Frame counters.
+    /// Frame counters, as of now.
     pub fn stats(&self) -> NetStats {
-        self.stats
+        let c = &self.stats;
+        NetStats {
+            rx_frames: c.rx_packets.load(Ordering::Relaxed),
+            rx_dropped: c.rx_dropped.load(Ordering::Relaxed),
+            tx_frames: c.tx_packets.load(Ordering::Relaxed),
+            tx_dropped: c.tx_dropped.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The live counters (bytes too), shared with the control socket's `metrics`.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.stats.clone()
     }
 
     /// Applies the `TUN_F_*` offloads activation or reset left for the event loop thread.
@@ -113,14 +128,14 @@ impl Net {
                             "virtio-net {}: dropping a {n}-byte frame",
                             self.tap.name()
                         );
-                        self.stats.rx_dropped += 1;
+                        bump(&self.stats.rx_dropped, 1);
                         continue;
                     }
                     Ok(n) => match check_rx_header(&mut self.rx_buf[..VNET_HDR_LEN], acked) {
                         Ok(()) => self.rx_len = n,
                         Err(e) => {
                             tracing::debug!("virtio-net {}: frame dropped: {e}", self.tap.name());
-                            self.stats.rx_dropped += 1;
+                            bump(&self.stats.rx_dropped, 1);
                             continue;
                         }
                     },
@@ -139,8 +154,14 @@ impl Net {
             let (outcome, u) = deliver_rx(q, &mem, &mut self.rx_buf[..self.rx_len], acked);
             used |= u;
             match outcome {
-                RxOutcome::Delivered => self.stats.rx_frames += 1,
-                RxOutcome::Dropped => self.stats.rx_dropped += 1,
+                RxOutcome::Delivered => {
+                    bump(&self.stats.rx_packets, 1);
+                    bump(
+                        &self.stats.rx_bytes,
+                        self.rx_len.saturating_sub(VNET_HDR_LEN) as u64,
+                    );
+                }
+                RxOutcome::Dropped => bump(&self.stats.rx_dropped, 1),
                 RxOutcome::NoBuffers => break,
             }
             self.rx_len = 0;
@@ -156,23 +177,26 @@ impl Net {
             return;
         };
         let mem = ctx.mem.clone();
-        let (tap, stats) = (&self.tap, &mut self.stats);
+        let (tap, stats) = (&self.tap, &self.stats);
         let q = &mut ctx.queues[TXQ];
         let (used, dropped) = drain_tx(q, &mem, ctx.acked_features, &mut self.tx_buf, |frame| {
             match tap.write(frame) {
-                Ok(n) if n == frame.len() => stats.tx_frames += 1,
+                Ok(n) if n == frame.len() => {
+                    bump(&stats.tx_packets, 1);
+                    bump(&stats.tx_bytes, n.saturating_sub(VNET_HDR_LEN) as u64);
+                }
                 Ok(n) => {
                     guest_warn!("virtio-net: the tap took {n} of {} bytes", frame.len());
-                    stats.tx_dropped += 1;
+                    bump(&stats.tx_dropped, 1);
                 }
                 Err(e) => {
                     // EIO: the interface is down; EINVAL: the kernel refused the header.
                     guest_warn!("virtio-net: frame dropped by tap {}: {e}", tap.name());
-                    stats.tx_dropped += 1;
+                    bump(&stats.tx_dropped, 1);
                 }
             }
         });
-        stats.tx_dropped += dropped;
+        bump(&stats.tx_dropped, dropped);
         if used > 0 {
             notify(q, &mem, &ctx.irq);
         }

@@ -507,6 +507,11 @@ fn rx_from_a_real_tap_stops_without_buffers_and_resumes_on_notify() {
             assert_eq!(f[0], 0, "flags without GUEST_CSUM");
             assert_eq!(udp_payload(&f), &[b'a' + i as u8; 100][..]);
         }
+        // Byte counters: frame bytes, the 12-byte virtio-net header excluded.
+        let bytes: u64 = (0..3u16).map(|i| u64::from(rx.used(i).1) - 12).sum();
+        let c = lock(&net).counters();
+        assert_eq!(c.rx_bytes.load(std::sync::atomic::Ordering::Relaxed), bytes);
+        assert_eq!(c.rx_packets.load(std::sync::atomic::Ordering::Relaxed), 3);
     });
 }
 
@@ -584,6 +589,11 @@ fn tx_reaches_the_host_stack_through_a_real_tap() {
             n.stats().tx_frames == 2
         });
         assert_eq!(tx.used_idx(), 2);
+        let sent = lock(&net)
+            .counters()
+            .tx_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(sent, (f1.len() + f2.len() - 12) as u64);
         let mut buf = [0u8; 64];
         for want in [&b"first"[..], b"second"] {
             let (n, from) = host.recv_from(&mut buf).unwrap();

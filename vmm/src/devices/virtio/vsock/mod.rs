@@ -12,6 +12,7 @@ pub mod packet;
 
 use std::io::Read;
 use std::path::Path;
+use std::sync::Arc;
 
 use event_manager::EventOps;
 use virtio_queue::{QueueOwnedT, QueueT};
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{
     device_type, ActivateContext, ActivateError, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
 };
+use crate::metrics::{bump, VsockCounters};
 use muxer::{Muxer, MuxerError, MAX_PAYLOAD};
 use packet::Header;
 
@@ -62,6 +64,7 @@ pub struct Vsock {
     muxer: Muxer,
     /// The driver reset the device: close every connection on the next event loop pass.
     reset_pending: bool,
+    stats: Arc<VsockCounters>,
 }
 
 impl Vsock {
@@ -77,7 +80,13 @@ impl Vsock {
             active: None,
             muxer: Muxer::new(uds_path, cid)?,
             reset_pending: false,
+            stats: Arc::default(),
         })
+    }
+
+    /// The device's counters, shared with the control socket's `metrics`.
+    pub fn counters(&self) -> Arc<VsockCounters> {
+        self.stats.clone()
     }
 
     /// Consumes every packet the guest sent.
@@ -90,7 +99,11 @@ impl Vsock {
         while let Some(chain) = ctx.queues[TXQ].pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             match read_packet(chain, &mem) {
-                Ok((h, payload)) => self.muxer.handle_guest_packet(h, &payload, ops),
+                Ok((h, payload)) => {
+                    bump(&self.stats.tx_packets, 1);
+                    bump(&self.stats.tx_bytes, payload.len() as u64);
+                    self.muxer.handle_guest_packet(h, &payload, ops)
+                }
                 Err(e) => guest_warn!("vsock: malformed TX packet: {e}"),
             }
             if let Err(e) = ctx.queues[TXQ].add_used(&mem, head, 0) {
@@ -117,7 +130,12 @@ impl Vsock {
             let head = chain.head_index();
             let len = match chain.writer(&mem) {
                 Ok(mut w) => match self.muxer.fill_rx(&mut w, ops) {
-                    Some(len) => len,
+                    Some(len) => {
+                        bump(&self.stats.rx_packets, 1);
+                        let payload = len.saturating_sub(packet::HEADER_SIZE);
+                        bump(&self.stats.rx_bytes, payload as u64);
+                        len
+                    }
                     None => {
                         ctx.queues[RXQ].go_to_previous_position();
                         break;

@@ -182,6 +182,10 @@ fn host_initiated_connection_round_trip() {
     let (rst, _) = g.recv();
     assert_eq!({ rst.op }, op::RST);
     assert_eq!(g.dev.lock().unwrap().muxer.connection_count(), 0);
+    // Counters: payload bytes only, control packets counted as packets.
+    let c = crate::metrics::CounterSource::snapshot(&*g.dev.lock().unwrap().counters());
+    assert_eq!((c["rx_packets"], c["rx_bytes"]), (5, 9), "{c:?}");
+    assert_eq!((c["tx_packets"], c["tx_bytes"]), (3, 8), "{c:?}");
 }
 
 #[test]
