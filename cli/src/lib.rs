@@ -9,5 +9,6 @@ pub mod containerd_config;
 pub mod image;
 pub mod install;
 pub mod logs;
+pub mod metrics;
 pub mod procfs;
 pub mod ps;

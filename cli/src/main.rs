@@ -13,6 +13,9 @@
 //! - `moat ps [--json]`: the pods on this host and their VMs (see [`moat_cli::ps`]).
 //! - `moat logs POD [--namespace NS] [--json]`: the VMM, console and agent logs of one pod (see
 //!   [`moat_cli::logs`]).
+//! - `moat metrics serve [--listen ADDR:PORT] [--config PATH]`, `moat metrics dump [--config
+//!   PATH]`: the node's Prometheus endpoint for every pod's VMM and shim, or one scrape on
+//!   stdout (see [`moat_cli::metrics`]).
 
 mod check;
 mod demo;
@@ -21,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use moat_cli::{install, logs, ps};
+use moat_cli::{install, logs, metrics, ps};
 use moat_protocol::agent::VersionRequest;
 use moat_protocol::connect::{connect, AgentAddress};
 use moat_protocol::ttrpc::context;
@@ -31,6 +34,8 @@ const USAGE: &str = "usage: moat check [--config PATH]
        moat install [--containerd-config PATH] [--runtime-name NAME] [--dry-run] [--uninstall] [--restart]
        moat ps [--json]
        moat logs POD [--namespace NS] [--json]
+       moat metrics serve [--listen ADDR:PORT] [--config PATH]
+       moat metrics dump [--config PATH]
        moat ping ADDRESS [--timeout SECS]
        moat demo [--address CONTAINERD_SOCKET]";
 
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         Some("install") => cmd_install(&args[1..]),
         Some("ps") => cmd_ps(&args[1..]),
         Some("logs") => cmd_logs(&args[1..]),
+        Some("metrics") => cmd_metrics(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             ExitCode::SUCCESS
@@ -215,6 +221,39 @@ fn cmd_logs(args: &[String]) -> ExitCode {
             eprintln!("moat logs: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn cmd_metrics(args: &[String]) -> ExitCode {
+    let opts = match metrics::parse_args(args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("moat metrics: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let state_dir = match Config::load(opts.config.as_deref()) {
+        Ok(c) => c.state_dir,
+        Err(e) => {
+            eprintln!("moat metrics: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let exporter =
+        metrics::Exporter::new(state_dir, PathBuf::from("/proc"), metrics::SOCKET_TIMEOUT);
+    match opts.action {
+        metrics::Action::Dump => emit("metrics", &exporter.scrape()),
+        metrics::Action::Serve { listen } => match metrics::listen(&listen) {
+            Ok(l) => {
+                eprintln!("moat metrics: serving http://{listen}/metrics");
+                metrics::serve(l, std::sync::Arc::new(exporter));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("moat metrics: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
