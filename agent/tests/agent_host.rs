@@ -856,11 +856,14 @@ fn loopback_is_up_in_the_sandbox() {
     let a = TestAgent::start("loopback");
     // A TCP round trip over 127.0.0.1: the listener's output proves the
     // connection. busybox `nc -l` cannot say when it listens, so the client
-    // polls (bounded: 400 tries 50 ms apart) from when the listener started.
+    // polls (bounded: 400 tries 50 ms apart) from when the listener started;
+    // if every try fails the listener is killed, so the test fails instead of
+    // waiting for it forever.
     let script = "mkfifo /tmp/ready; \
-                  (nc -l -p 5555 127.0.0.1 > /tmp/got & echo up > /tmp/ready; wait) & \
+                  (nc -l -p 5555 127.0.0.1 > /tmp/got & echo $! > /tmp/ncpid; echo up > /tmp/ready; wait) & \
                   read x < /tmp/ready; \
-                  i=0; until echo hello | nc 127.0.0.1 5555 2>/dev/null; do i=$((i+1)); [ $i -gt 400 ] && break; sleep 0.05; done; \
+                  i=0; until echo hello | nc 127.0.0.1 5555 2>/dev/null; do i=$((i+1)); \
+                  [ $i -gt 400 ] && { kill $(cat /tmp/ncpid); break; }; sleep 0.05; done; \
                   wait; cat /tmp/got; ping -c1 -W5 127.0.0.1 >/dev/null && echo ping-ok";
     a.create("lo", &spec(&["sh", "-c", script], false)).unwrap();
     a.start_c("lo");
