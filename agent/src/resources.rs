@@ -81,7 +81,8 @@ pub fn set_online_cpus(root: &Path, want: u32) -> Result<u32, ResourcesError> {
 }
 
 /// Onlines every memory block that is offline (virtio-mem's, when the kernel did not online
-/// them itself). Returns how many it onlined.
+/// them itself). Best effort: virtio-mem onlines its blocks on its own and refuses a block it is
+/// still working on (`EINVAL`), so a refused block is left to it. Returns how many it onlined.
 pub fn online_memory(root: &Path) -> Result<u32, ResourcesError> {
     let dir = root.join("sys/devices/system/memory");
     let entries = match std::fs::read_dir(&dir) {
@@ -97,10 +98,10 @@ pub fn online_memory(root: &Path) -> Result<u32, ResourcesError> {
         }
         let state = e.path().join("state");
         match std::fs::read_to_string(&state) {
-            Ok(s) if s.trim() == "offline" => {
-                std::fs::write(&state, "online").map_err(sysfs_err(&state))?;
-                n += 1;
-            }
+            Ok(s) if s.trim() == "offline" => match std::fs::write(&state, "online") {
+                Ok(()) => n += 1,
+                Err(e) => tracing::debug!("{}: left to the kernel: {e}", state.display()),
+            },
             _ => {}
         }
     }
