@@ -15,7 +15,7 @@
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -114,19 +114,7 @@ fn discard(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Result<(), String> {
     if len == 0 || !addr.is_multiple_of(PAGE) || !len.is_multiple_of(PAGE) {
         return Err("not a whole number of pages".into());
     }
-    let count = usize::try_from(len).map_err(|_| "too long".to_owned())?;
-    let slice = mem
-        .get_slice(GuestAddress(addr), count)
-        .map_err(|e| format!("not inside one region of guest RAM: {e}"))?;
-    let ptr = slice.ptr_guard_mut().as_ptr();
-    // SAFETY: `ptr..ptr + count` lies inside a private anonymous mapping of guest RAM that the
-    // VMM owns for its lifetime (get_slice checked the bounds); MADV_DONTNEED only replaces its
-    // pages with zero-filled ones, which every user of guest memory must expect of guest RAM.
-    let rc = unsafe { libc::madvise(ptr.cast(), count, libc::MADV_DONTNEED) };
-    if rc != 0 {
-        return Err(format!("madvise: {}", std::io::Error::last_os_error()));
-    }
-    Ok(())
+    super::discard_guest_range(mem, addr, len)
 }
 
 impl VirtioDevice for Balloon {
@@ -190,7 +178,7 @@ mod tests {
     use super::*;
     use crate::devices::virtio::testing::{resident, Driver};
     use crate::devices::virtio::IrqTrigger;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestAddress};
 
     #[test]
     fn reported_ranges_leave_the_host_and_bad_ones_are_refused() {

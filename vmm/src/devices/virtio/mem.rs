@@ -11,7 +11,7 @@
 //! anyway only allocates pages charged to its own cgroup, which bounds it.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -146,18 +146,8 @@ impl VirtioMem {
     fn discard(&self, blocks: std::ops::Range<usize>) {
         let at = self.addr + blocks.start as u64 * BLOCK_SIZE;
         let len = blocks.len() as u64 * BLOCK_SIZE;
-        let Ok(slice) = self.mem.get_slice(GuestAddress(at), len as usize) else {
-            tracing::error!("virtio-mem: region {at:#x}+{len:#x} is not guest memory");
-            return;
-        };
-        let ptr = slice.ptr_guard_mut().as_ptr();
-        // SAFETY: the range lies inside the private anonymous mapping of the device region
-        // (get_slice checked it), owned by the VMM for its lifetime; the guest gave it up.
-        if unsafe { libc::madvise(ptr.cast(), len as usize, libc::MADV_DONTNEED) } != 0 {
-            tracing::warn!(
-                "virtio-mem: cannot drop unplugged memory: {}",
-                std::io::Error::last_os_error()
-            );
+        if let Err(e) = super::discard_guest_range(&self.mem, at, len) {
+            tracing::warn!("virtio-mem: cannot drop unplugged memory {at:#x}+{len:#x}: {e}");
         }
     }
 
@@ -298,6 +288,7 @@ mod tests {
     use crate::devices::virtio::testing::{resident, Driver};
     use crate::devices::virtio::IrqTrigger;
     use std::sync::Arc;
+    use vm_memory::GuestAddress;
 
     const REGION: u64 = 0x40_0000; // 4 MiB into the test memory
     const SIZE: u64 = 4 * BLOCK_SIZE;

@@ -168,6 +168,25 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
+/// Drops `len` bytes of guest memory at guest address `addr` from the host
+/// (`MADV_DONTNEED`: the pages read as zeros afterwards). The range must lie inside one region.
+pub fn discard_guest_range(mem: &GuestMemoryMmap, addr: u64, len: u64) -> Result<(), String> {
+    use vm_memory::{GuestAddress, GuestMemory};
+    let count = usize::try_from(len).map_err(|_| "too long".to_owned())?;
+    let slice = mem
+        .get_slice(GuestAddress(addr), count)
+        .map_err(|e| format!("not inside one region of guest memory: {e}"))?;
+    let ptr = slice.ptr_guard_mut().as_ptr();
+    // SAFETY: `ptr..ptr + count` lies inside a private anonymous mapping of guest memory that
+    // the VMM owns for its lifetime (get_slice checked the bounds); MADV_DONTNEED only replaces
+    // its pages with zero-filled ones, which every user of guest memory must expect.
+    let rc = unsafe { libc::madvise(ptr.cast(), count, libc::MADV_DONTNEED) };
+    if rc != 0 {
+        return Err(format!("madvise: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Copies the part of `config` at `offset` into `data` (out-of-range bytes stay zero).
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
